@@ -1,0 +1,41 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Both set up .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch/torchvision pair; on the build machines this resolves from local disk.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STUDY ?= studies/prune_vs_slim.yaml
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: venv test lint typecheck pytest demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip show torch >/dev/null 2>&1 || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check mapex_analysis tests benchmarks
+	$(VENV)/bin/ruff format --check mapex_analysis tests benchmarks
+
+typecheck: venv
+	$(VENV)/bin/mypy mapex_analysis
+
+pytest: venv
+	$(VENV)/bin/pytest -q --timeout=900 tests
+
+test: lint typecheck pytest
+
+demo: venv
+	$(VENV)/bin/mapex-study run $(STUDY)
+	$(VENV)/bin/mapex-study report
+
+bench: venv
+	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

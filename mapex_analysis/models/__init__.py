@@ -1,0 +1,1 @@
+"""Model code (the top-level ``models/`` directory holds artifacts: checkpoints and cards)."""
