@@ -54,6 +54,61 @@ def list_models() -> None:
     console.print(_table(model_table(), "Models"))
 
 
+@main.command("macs")
+@click.argument("model")
+@click.option("--width", type=float, default=None, help="Slim to width s in (0, 1] first.")
+@click.option("--modalities", default=None, help="Comma-separated modalities to feed.")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+def macs(model: str, width: float | None, modalities: str | None, batch_size: int) -> None:
+    """MACs (per op, per modality, two counters) and parameters of MODEL.
+
+    MODEL is a registry name, a checkpoint directory or timm/<name>.
+    """
+    from mapex_analysis.measure.cost import measure_cost
+    from mapex_analysis.measure.macs import MacsError
+    from mapex_analysis.modalities import ModalityError
+    from mapex_analysis.models.registry import UnknownModelError
+
+    mods = [m.strip() for m in modalities.split(",") if m.strip()] if modalities else None
+    try:
+        cost = measure_cost(model, width=width, modalities=mods, batch_size=batch_size)
+    except (MacsError, ModalityError, UnknownModelError, ValueError) as err:
+        _fail(err)
+        return
+    rep = cost.macs
+    console.print(
+        f"[bold]{cost.model}[/]"
+        + (f" at width {cost.width:g}" if cost.width is not None else "")
+        + f", batch {cost.batch_size}, inputs {rep.input_shapes}"
+    )
+    console.print(
+        f"total: {rep.total:,} MACs = {rep.gmacs:.3f} G MACs "
+        f"(FLOPs = 2 x MACs = {rep.flops / 1e9:.3f} G FLOPs)"
+    )
+    console.print(_table(rep.op_rows(), "MACs per op (uncounted ops listed with their calls)"))
+    if rep.unsupported:
+        console.print(
+            "not counted (elementwise/routing ops): "
+            + ", ".join(f"{op} x{n}" for op, n in sorted(rep.unsupported.items()))
+        )
+    if rep.cross_check:
+        chk = rep.cross_check
+        console.print(
+            f"cross-check: fvcore {int(chk['fvcore_macs']):,} MACs vs torch FlopCounterMode "
+            f"{int(chk['flopcounter_macs']):,} MACs, relative difference {chk['rel_diff']:.4%}"
+        )
+    if rep.by_modality:
+        rows = [{"modality": m, "MACs (fed alone)": n} for m, n in rep.by_modality.items()]
+        console.print(_table(rows, "MACs per modality (each modality fed alone)"))
+    prm = cost.params
+    console.print(
+        f"parameters: {prm.total:,} total, {prm.active:,} active for "
+        f"{', '.join(prm.modalities) or 'all inputs'}"
+    )
+    if prm.by_modality:
+        console.print(_table(prm.rows(), "Active parameters per modality"))
+
+
 def _fail(err: Exception) -> None:
     console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
     sys.exit(2)

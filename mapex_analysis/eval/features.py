@@ -1,0 +1,328 @@
+"""Frozen feature extraction with an on-disk cache.
+
+:func:`extract_features` runs a model frozen (``eval()`` mode, ``torch.inference_mode``) on a
+chosen modality subset (only those keys are fed: a model never sees a modality the task does
+not have) and returns float32 numpy features per split, with the pooling declared:
+
+* ``"cls"``: the CLS token of the final (normed) tokens;
+* ``"mean"``: the mean of the final patch tokens (CLS excluded);
+* ``"patch"``: the final patch tokens ``(N, P, D)`` in raster order, averaged over the fed
+  modalities token-by-token (a MAPEX model has one token per patch per modality), for the
+  segmentation probe.
+
+When the declared pool is the model's own ``model.pool``, the model's ``forward_head`` pools
+(so any head norm the model applies is kept); otherwise the pooling above is applied to the
+output of ``forward_features``.
+
+Cache: one ``.npz`` file per split under ``cache_dir``, named by a hash of (model variant key,
+data fingerprint, modalities, pool). The data fingerprint is a SHA-1 of the fed arrays and
+labels, so a changed split never hits a stale cache. Writes are atomic (temporary file in the
+same folder, then ``os.replace``): a killed run leaves either no file or a complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from mapex_analysis.modalities import validate_modalities
+
+__all__ = [
+    "POOLS",
+    "Features",
+    "SplitFeatures",
+    "as_arrays",
+    "data_fingerprint",
+    "extract_features",
+    "model_fingerprint",
+]
+
+logger = logging.getLogger(__name__)
+
+Pool = Literal["cls", "mean", "patch"]
+#: Pooling options of :func:`extract_features`.
+POOLS: tuple[str, ...] = ("cls", "mean", "patch")
+_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SplitFeatures:
+    """Features of one data split.
+
+    Attributes:
+        X: float32 features, ``(N, D)`` (``cls``/``mean``) or ``(N, P, D)`` (``patch``).
+        y: Labels of the split as the dataset gives them (``(N,)``, ``(N, K)`` or
+            ``(N, H, W)``); empty ``(0,)`` when the data has no labels.
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+
+
+@dataclass
+class Features:
+    """Frozen features of one model variant, per split.
+
+    Attributes:
+        splits: Split name -> :class:`SplitFeatures`.
+        modalities: The modalities that were fed.
+        pool: The declared pooling.
+        model_key: The model variant key the cache is keyed by.
+    """
+
+    splits: dict[str, SplitFeatures]
+    modalities: tuple[str, ...]
+    pool: str
+    model_key: str = field(default="")
+
+    def __getitem__(self, split: str) -> SplitFeatures:
+        """Features of ``split``.
+
+        Raises:
+            KeyError: naming the splits that were extracted.
+        """
+        try:
+            return self.splits[split]
+        except KeyError:
+            raise KeyError(
+                f"no features for split {split!r}; extracted splits: {', '.join(self.splits)}"
+            ) from None
+
+    @property
+    def train(self) -> SplitFeatures:
+        """The ``train`` split."""
+        return self["train"]
+
+    @property
+    def val(self) -> SplitFeatures:
+        """The ``val`` split."""
+        return self["val"]
+
+    @property
+    def test(self) -> SplitFeatures:
+        """The ``test`` split."""
+        return self["test"]
+
+
+def as_arrays(data: Any, modalities: Sequence[str]) -> dict[str, np.ndarray]:
+    """The chosen modalities (and ``label``, if any) of a split as numpy arrays.
+
+    Args:
+        data: A dataset with an ``arrays()`` method (e.g. ``SynthEO``) or a mapping
+            ``{modality: (N, C, H, W) array, "label": array}``.
+        modalities: Modalities to keep.
+
+    Returns:
+        ``{modality: float32 (N, C, H, W)}`` plus ``"label"`` when present.
+
+    Raises:
+        TypeError: if ``data`` is neither.
+        KeyError: naming the missing modality and the available ones.
+        ValueError: if the arrays disagree on the number of samples.
+    """
+    if hasattr(data, "arrays") and callable(data.arrays):
+        arrays = data.arrays()
+    elif isinstance(data, Mapping):
+        arrays = data
+    else:
+        raise TypeError(
+            f"expected a dataset with .arrays() or a dict of arrays, got {type(data).__name__}"
+        )
+    available = [k for k in arrays if k != "label"]
+    out: dict[str, np.ndarray] = {}
+    for m in modalities:
+        if m not in arrays:
+            raise KeyError(f"modality {m!r} is not in the data; available: {', '.join(available)}")
+        out[m] = np.ascontiguousarray(arrays[m], dtype=np.float32)
+    if "label" in arrays:
+        out["label"] = np.asarray(arrays["label"])
+    lengths = {k: len(v) for k, v in out.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"arrays differ in number of samples: {lengths}")
+    return out
+
+
+def data_fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-1 of the arrays' names, shapes, dtypes and bytes (sorted by name)."""
+    h = hashlib.sha1()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.shape}:{a.dtype.str};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A key for a model variant: its spec, applied operators and a SHA-1 of its weights."""
+    h = hashlib.sha1()
+    h.update(json.dumps(getattr(model, "model_spec", None), sort_keys=True, default=str).encode())
+    h.update(json.dumps(getattr(model, "applied_ops", None), sort_keys=True, default=str).encode())
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _batches(arrays: Mapping[str, np.ndarray], modalities: Sequence[str], bs: int) -> Iterator:
+    n = len(arrays[modalities[0]])
+    for i in range(0, n, bs):
+        yield {m: torch.from_numpy(arrays[m][i : i + bs]) for m in modalities}
+
+
+def _patch_tokens(model: nn.Module, x: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Final patch tokens ``(B, P, D)``, averaged over modalities per patch position."""
+    if not (hasattr(model, "tokenize") and hasattr(model, "encode")):
+        raise TypeError(
+            f"pool='patch' needs a token model with tokenize/encode; "
+            f"{type(model).__name__} has neither"
+        )
+    tokens, modality_index = model.tokenize(x)  # (B, N, D), (B, N)
+    out = model.encode(tokens, modality_index)[:, 1:]  # drop CLS -> (B, N, D)
+    groups = [out[:, modality_index[0] == m] for m in torch.unique(modality_index[0])]
+    sizes = {g.shape[1] for g in groups}
+    if len(sizes) != 1:
+        raise ValueError(f"modalities have different numbers of patch tokens: {sorted(sizes)}")
+    return torch.stack(groups, dim=0).mean(dim=0)  # (B, P, D)
+
+
+def _pooled(model: nn.Module, x: Mapping[str, torch.Tensor], pool: str) -> torch.Tensor:
+    if pool == "patch":
+        return _patch_tokens(model, x)
+    own_pool = getattr(model, "pool", None)
+    if not hasattr(model, "forward_features"):
+        if pool != own_pool:
+            raise ValueError(
+                f"{type(model).__name__} returns {own_pool!r}-pooled features only; "
+                f"pool={pool!r} is not available"
+            )
+        return model(x)
+    tokens = model.forward_features(x)  # (B, 1+N, D)
+    if pool == own_pool:
+        return model.forward_head(tokens, pre_logits=True)
+    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
+
+
+def _cache_file(cache_dir: Path, meta: dict[str, Any]) -> Path:
+    digest = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir / f"features-{digest}.npz"
+
+
+def _load_cache(path: Path, meta: dict[str, Any]) -> SplitFeatures | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as f:
+            if json.loads(str(f["meta"])) != meta:
+                logger.warning("feature cache %s holds other features; recomputing", path)
+                return None
+            return SplitFeatures(f["X"], f["y"])
+    except (OSError, ValueError, KeyError) as err:
+        logger.warning("unreadable feature cache %s (%s); recomputing", path, err)
+        return None
+
+
+def _save_cache(path: Path, meta: dict[str, Any], feats: SplitFeatures) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, X=feats.X, y=feats.y, meta=np.array(json.dumps(meta, sort_keys=True)))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _split_inputs(data: Any) -> dict[str, Any]:
+    """``{split name: data}`` from one split or a mapping of splits."""
+    if isinstance(data, Mapping) and not all(isinstance(v, np.ndarray) for v in data.values()):
+        return dict(data)
+    return {str(getattr(data, "split", "data")): data}
+
+
+def extract_features(
+    model: nn.Module,
+    data: Any,
+    *,
+    modalities: Sequence[str],
+    pool: Pool | None = None,
+    batch_size: int = 256,
+    cache_dir: str | Path | None = None,
+    cache_key: str | None = None,
+) -> Features:
+    """Frozen features of ``model`` on the chosen modalities of one or several splits.
+
+    Args:
+        model: A model following the registry contract (``forward_features`` /
+            ``forward_head``, ``tokenize`` / ``encode`` for ``pool="patch"``).
+        data: One split (a dataset with ``arrays()`` such as ``SynthEO``, or a dict of arrays)
+            or a mapping ``{split name: split}``. A single dataset is stored under its
+            ``split`` attribute (``"data"`` when it has none).
+        modalities: Modalities to feed (only these keys reach the model).
+        pool: ``"cls"``, ``"mean"`` or ``"patch"``; default: ``model.pool``.
+        batch_size: Samples per forward pass.
+        cache_dir: Folder for the feature cache; ``None`` disables caching.
+        cache_key: Key of the model variant (e.g. ``"mapex_tiny|prune=sar"``); default: a
+            fingerprint of the model's spec, applied operators and weights.
+
+    Returns:
+        :class:`Features` with one :class:`SplitFeatures` per split.
+
+    Raises:
+        ValueError: for an unknown pool, a bad batch size or modality selection.
+        KeyError: if a split lacks a requested modality.
+    """
+    allowed = getattr(model, "modalities", None)
+    modalities = validate_modalities(modalities, allowed)
+    pool = pool or getattr(model, "pool", None)
+    if pool not in POOLS:
+        raise ValueError(f"unknown pool {pool!r}; valid: {', '.join(POOLS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model_key = cache_key or (model_fingerprint(model) if cache_dir is not None else "")
+    out: dict[str, SplitFeatures] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for split, split_data in _split_inputs(data).items():
+            arrays = as_arrays(split_data, modalities)
+            label = arrays.pop("label", np.zeros(0, dtype=np.int64))
+            meta: dict[str, Any] = {}
+            path = None
+            if cache_dir is not None:
+                meta = {
+                    "version": _CACHE_VERSION,
+                    "model": model_key,
+                    "data": data_fingerprint({**arrays, "label": label}),
+                    "modalities": list(modalities),
+                    "pool": pool,
+                }
+                path = _cache_file(Path(cache_dir), meta)
+                cached = _load_cache(path, meta)
+                if cached is not None:
+                    logger.info("features for split %r from cache %s", split, path)
+                    out[split] = cached
+                    continue
+            chunks = []
+            with torch.inference_mode():
+                for x in _batches(arrays, modalities, batch_size):
+                    chunks.append(_pooled(model, x, pool).float().cpu().numpy())
+            feats = SplitFeatures(np.concatenate(chunks, axis=0).astype(np.float32), label)
+            logger.info("extracted %s features for split %r", feats.X.shape, split)
+            if path is not None:
+                _save_cache(path, meta, feats)
+            out[split] = feats
+    finally:
+        model.train(was_training)
+    return Features(out, modalities, pool, model_key)

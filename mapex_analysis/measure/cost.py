@@ -1,0 +1,176 @@
+"""The cost of a model variant in one call: MACs and parameters on example inputs.
+
+:func:`measure_cost` is what ``mapex-study macs MODEL [--width S] [--modalities ...]`` runs: it
+builds the model (registry name, checkpoint directory or ``timm/<name>``), optionally slims it
+to width ``s``, builds example inputs in physical units for the selected modalities, and
+returns the :class:`~mapex_analysis.measure.macs.MacsReport` (with the per-modality breakdown
+and the two-counter cross-check) and the :class:`~mapex_analysis.measure.params.ParamsReport`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mapex_analysis.measure.macs import MacsReport, count_macs
+from mapex_analysis.measure.params import ParamsReport, count_params
+from mapex_analysis.modalities import ModalityError, get_modality
+
+__all__ = ["CostReport", "example_inputs", "measure_cost"]
+
+logger = logging.getLogger(__name__)
+
+#: Prefix selecting a plain timm model (random init) instead of a registry name.
+TIMM_PREFIX = "timm/"
+
+
+@dataclass(frozen=True)
+class CostReport:
+    """MACs and parameters of one model variant.
+
+    Attributes:
+        model: What was measured (registry name, checkpoint path or ``timm/<name>``).
+        width: Slimming width ``s`` applied (``None``: not slimmed).
+        modalities: Modalities fed (empty for models without modalities).
+        batch_size: Batch size of the example inputs; MACs are for the whole batch.
+        macs: The MACs report.
+        params: The parameter report (active parameters for ``modalities``).
+    """
+
+    model: str
+    width: float | None
+    modalities: tuple[str, ...]
+    batch_size: int
+    macs: MacsReport
+    params: ParamsReport
+
+
+def _img_size(model: nn.Module) -> tuple[int, int]:
+    size = getattr(model, "img_size", None)
+    if size is None:
+        size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is None:
+        raise ValueError(
+            f"{type(model).__name__} declares no img_size; pass explicit inputs to count_macs"
+        )
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def example_inputs(
+    model: nn.Module,
+    *,
+    batch_size: int = 1,
+    modalities: Sequence[str] | None = None,
+    seed: int = 0,
+) -> Tensor | dict[str, Tensor]:
+    """Random inputs a model accepts, in physical units.
+
+    For a model that declares ``modalities``, a dict ``{modality: (B, C, H, W)}`` with every
+    band drawn from ``N(mean, std)`` of its normalisation statistics, clipped to the band's
+    valid range (so unit checks pass). For other models (plain timm ViTs), one tensor
+    ``(B, in_chans, H, W)`` of standard normal values.
+
+    Args:
+        model: The model; its size comes from ``model.img_size`` or ``patch_embed.img_size``.
+        batch_size: Leading dimension.
+        modalities: Subset of ``model.modalities`` to feed; default all of them.
+        seed: Seed of the generator.
+
+    Returns:
+        A modality dict or a tensor.
+
+    Raises:
+        ModalityError: for a modality the model does not declare (valid ones listed).
+        ValueError: if the model declares no image size.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    h, w = _img_size(model)
+    declared = tuple(getattr(model, "modalities", ()) or ())
+    if not declared:
+        if modalities:
+            raise ModalityError(
+                f"{type(model).__name__} declares no modalities; cannot feed {list(modalities)}"
+            )
+        proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+        in_chans = int(getattr(proj, "in_channels", 3))
+        return torch.randn(batch_size, in_chans, h, w, generator=gen)
+    chosen = tuple(modalities) if modalities else declared
+    unknown = [m for m in chosen if m not in declared]
+    if unknown:
+        raise ModalityError(
+            f"{type(model).__name__} has no modality {unknown}; valid: {', '.join(declared)}"
+        )
+    out = {}
+    for name in chosen:
+        mod = get_modality(name)
+        mean, std = mod.mean.view(1, -1, 1, 1), mod.std.view(1, -1, 1, 1)
+        x = mean + std * torch.randn(batch_size, mod.num_bands, h, w, generator=gen)
+        lo = torch.tensor([b.valid_range[0] for b in mod.band_objects]).view(1, -1, 1, 1)
+        hi = torch.tensor([b.valid_range[1] for b in mod.band_objects]).view(1, -1, 1, 1)
+        out[name] = torch.maximum(torch.minimum(x, hi), lo)
+    return out
+
+
+def _build(model: str) -> nn.Module:
+    if model.startswith(TIMM_PREFIX):
+        import timm
+
+        return timm.create_model(model[len(TIMM_PREFIX) :], pretrained=False)
+    from mapex_analysis.models.registry import create_model
+
+    return create_model(model)
+
+
+def measure_cost(
+    model: str | nn.Module,
+    *,
+    width: float | None = None,
+    modalities: Sequence[str] | None = None,
+    batch_size: int = 1,
+    seed: int = 0,
+) -> CostReport:
+    """MACs (two counters, per op, per modality) and parameters of a model variant.
+
+    Args:
+        model: A registry name, a checkpoint directory, ``timm/<name>`` (a randomly
+            initialised timm model) or a module.
+        width: If given, slim the model to width ``s`` first
+            (:func:`mapex_analysis.ops.slim_width`, attention and MLP, first channels).
+        modalities: Modalities to feed; default all the model declares.
+        batch_size: Batch size of the example inputs.
+        seed: Seed of the example inputs.
+
+    Returns:
+        The :class:`CostReport`.
+
+    Raises:
+        UnknownModelError: for an unknown registry name (registered names listed).
+        ModalityError: for a modality the model does not declare.
+        MacsError: if the model cannot be traced.
+    """
+    name = model if isinstance(model, str) else type(model).__name__
+    module = _build(model) if isinstance(model, str) else model
+    if width is not None:
+        from mapex_analysis.ops import slim_width
+
+        module = slim_width(module, width)
+    inputs = example_inputs(module, batch_size=batch_size, modalities=modalities, seed=seed)
+    fed = tuple(inputs) if isinstance(inputs, dict) else ()
+    macs = count_macs(module, inputs, per_modality=len(fed) > 1)
+    params = count_params(module, fed or None)
+    logger.info("%s: %d MACs, %d parameters", name, macs.total, params.total)
+    return CostReport(
+        model=name,
+        width=width,
+        modalities=fed,
+        batch_size=batch_size,
+        macs=macs,
+        params=params,
+    )

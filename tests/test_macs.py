@@ -1,0 +1,231 @@
+"""MACs: attention and experts counted honestly, two counters cross-checked, nothing dropped."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from mapex_analysis.measure.macs import MacsError, count_macs, sdpa_macs
+
+# ---------------------------------------------------------------------------------------------
+# timm ViT-B/16 at 224 px, batch 1, hand-derived (N = 14 * 14 + 1 = 197 tokens, D = 768,
+# MLP hidden 3072, 12 blocks, 1000 classes):
+#   patch embedding conv: 196 patches * 768 out * (3 * 16 * 16 = 768 in)   =    115,605,504
+#   linears per block: 197 * 768 * (2304 qkv + 768 proj + 3072 fc1) + 197 * 3072 * 768
+#                    = 197 * 768 * 9216 = 1,394,343,936;  x 12           = 16,732,127,232
+#   head: 768 * 1000                                                      =        768,000
+#   attention matmuls: 12 blocks * (QK^T + AV) = 12 * 2 * 197^2 * 768     =    715,327,488
+#   layer norms (fvcore: 5 per element): 25 norms * 197 * 768 * 5         =     18,912,000
+#   total                                                                 = 17,582,740,224
+# The analytic reference without norms is 17,564 G MACs (REFERENCES.md).
+VIT_B_LINEAR = 197 * 768 * 9216 * 12 + 768 * 1000
+VIT_B_CONV = 196 * 768 * 768
+VIT_B_ATTN = 12 * 2 * 197**2 * 768
+VIT_B_NORM = 25 * 197 * 768 * 5
+VIT_B_TOTAL = 17_582_740_224
+
+
+@pytest.fixture(scope="module")
+def vit_b() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+
+
+@pytest.fixture(scope="module")
+def vit_b_report(vit_b: nn.Module):
+    return count_macs(vit_b, torch.randn(1, 3, 224, 224))
+
+
+@contextmanager
+def _fused_attention(model: nn.Module, fused: bool) -> Iterator[None]:
+    attns = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    old = [m.fused_attn for m in attns]
+    for m in attns:
+        m.fused_attn = fused
+    try:
+        yield
+    finally:
+        for m, f in zip(attns, old, strict=True):
+            m.fused_attn = f
+
+
+def test_vit_b16_total_matches_reference(vit_b_report) -> None:
+    assert VIT_B_LINEAR + VIT_B_CONV + VIT_B_ATTN + VIT_B_NORM == VIT_B_TOTAL
+    assert vit_b_report.total == VIT_B_TOTAL
+    assert abs(vit_b_report.total - 17.58e9) / 17.58e9 < 0.005
+    assert vit_b_report.unit == "MACs"
+    assert vit_b_report.flops == 2 * VIT_B_TOTAL
+    assert vit_b_report.by_op == {
+        "linear": VIT_B_LINEAR,
+        "conv": VIT_B_CONV,
+        "scaled_dot_product_attention": VIT_B_ATTN,
+        "layer_norm": VIT_B_NORM,
+    }
+    # per-module breakdown: one block = its linears + attention matmuls + 2 norms
+    assert vit_b_report.by_module[""] == VIT_B_TOTAL
+    assert vit_b_report.by_module["blocks.0"] == (
+        197 * 768 * 9216 + 2 * 197**2 * 768 + 2 * 197 * 768 * 5
+    )
+    assert vit_b_report.by_module["patch_embed"] == VIT_B_CONV
+
+
+def test_vit_b16_nothing_countable_unsupported(vit_b_report) -> None:
+    # only the residual/pos-embed adds (24 + 1) and the 12 GELUs are left uncounted
+    assert vit_b_report.unsupported == {"aten::add": 25, "aten::gelu": 12}
+    assert not [op for op in vit_b_report.unsupported if "attention" in op or "mm" in op]
+
+
+def test_vit_b16_fused_and_manual_attention_count_the_same(vit_b, vit_b_report) -> None:
+    with _fused_attention(vit_b, False):
+        manual = count_macs(vit_b, torch.randn(1, 3, 224, 224), cross_check=False)
+    assert manual.total == vit_b_report.total == VIT_B_TOTAL
+    assert manual.by_op["matmul"] == vit_b_report.by_op["scaled_dot_product_attention"]
+    # the manual path's softmax and scaling multiply are reported, not dropped
+    assert manual.unsupported["aten::softmax"] == 12
+    assert manual.unsupported["aten::mul"] == 12
+
+
+def test_vit_b16_two_counters_agree(vit_b, vit_b_report) -> None:
+    check = vit_b_report.cross_check
+    assert check["fvcore_macs"] == VIT_B_TOTAL
+    assert check["rel_diff"] < 0.005
+    assert check["flopcounter_macs"] == VIT_B_TOTAL
+    # without our CPU attention mapping, FlopCounterMode drops attention and norms:
+    # 2 * (linear + conv) = 2 * (16,732,895,232 + 115,605,504) = 33,697,001,472 FLOPs
+    with torch.no_grad(), FlopCounterMode(display=False) as plain:
+        vit_b(torch.randn(1, 3, 224, 224))
+    assert plain.get_total_flops() == 2 * (VIT_B_LINEAR + VIT_B_CONV) == 33_697_001_472
+
+
+def test_vit_b16_linear_in_batch(vit_b, vit_b_report) -> None:
+    report = count_macs(vit_b, torch.randn(2, 3, 224, 224), cross_check=False)
+    assert report.total == 2 * vit_b_report.total
+
+
+# ---------------------------------------------------------------------------------------------
+# small models
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_matmuls_equal_l_2_n2_d(fused: bool) -> None:
+    # 32 px / patch 8 -> 16 patches + CLS = N = 17; D = 48, L = 3 blocks, 4 heads:
+    # per block QK^T = H * N * N * d_k = N^2 * D, AV likewise -> 3 * 2 * 17^2 * 48 = 83,232
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=8,
+        embed_dim=48,
+        depth=3,
+        num_heads=4,
+        num_classes=0,
+    ).eval()
+    with _fused_attention(model, fused):
+        report = count_macs(model, torch.randn(1, 3, 32, 32))
+    op = "scaled_dot_product_attention" if fused else "matmul"
+    assert report.by_op[op] == 3 * 2 * 17**2 * 48 == 83_232
+    assert report.cross_check["rel_diff"] == 0.0
+
+
+class _Attend(nn.Module):
+    """SDPA with value width different from key width and grouped key/value heads."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+def test_sdpa_handle_counts_differing_value_width_and_gqa() -> None:
+    # q (2, 4, 5, 8), k (2, 2, 7, 8), v (2, 2, 7, 16): QK^T 2*4*5*7*8 = 2,240, AV 2*4*5*7*16
+    # = 4,480 -> 6,720 MACs
+    assert sdpa_macs((2, 4, 5, 8), (2, 2, 7, 8), (2, 2, 7, 16)) == 6_720
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 16)
+    report = count_macs(_Attend(), (q, k, v))
+    assert report.total == 6_720
+    assert report.cross_check["flopcounter_macs"] == 6_720
+    with pytest.raises(MacsError, match="not a multiple of key/value heads 3"):
+        sdpa_macs((2, 4, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8))
+    with pytest.raises(MacsError, match="do not match"):
+        sdpa_macs((2, 4, 5, 8), (2, 4, 7, 4), (2, 4, 7, 8))
+
+
+class _Elementwise(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x) * 2 + x
+
+
+def test_uncounted_ops_are_reported() -> None:
+    report = count_macs(_Elementwise(), torch.randn(4, 8))
+    assert report.total == 0
+    assert report.unsupported == {"aten::sigmoid": 1, "aten::mul": 1, "aten::add": 1}
+    assert [r["op"] for r in report.op_rows()] == ["aten::add", "aten::mul", "aten::sigmoid"]
+
+
+@dataclass
+class _Out:
+    features: torch.Tensor
+
+
+class _ReturnsDataclass(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> _Out:
+        return _Out(self.fc(x))
+
+
+def test_untraceable_model_error_names_the_model() -> None:
+    with pytest.raises(MacsError, match="cannot trace _ReturnsDataclass"):
+        count_macs(_ReturnsDataclass(), torch.randn(2, 4))
+
+
+def test_bad_inputs_are_errors() -> None:
+    with pytest.raises(MacsError, match="got str"):
+        count_macs(nn.Linear(2, 2), "x")  # type: ignore[arg-type]
+    with pytest.raises(MacsError, match="empty input dict"):
+        count_macs(nn.Linear(2, 2), {})
+    with pytest.raises(MacsError, match="per_modality=True needs a modality dict"):
+        count_macs(nn.Linear(2, 2), torch.randn(1, 2), per_modality=True)
+
+
+class _TwoModalities(nn.Module):
+    """One linear embedding per modality, a shared linear on the concatenated tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.ModuleDict({"rgb": nn.Linear(3, 8), "sar": nn.Linear(2, 8)})
+        self.shared = nn.Linear(8, 4)
+
+    def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        tokens = [self.embed[m](t.flatten(2).transpose(1, 2)) for m, t in x.items()]
+        return self.shared(torch.cat(tokens, dim=1)).mean(1)
+
+
+def test_modality_dict_inputs_and_per_modality_breakdown() -> None:
+    model = _TwoModalities().train()
+    x = {"rgb": torch.randn(2, 3, 4, 4), "sar": torch.randn(2, 2, 4, 4)}
+    # rgb: 2 * 16 tokens * 3 * 8 = 768, shared on them 2 * 16 * 8 * 4 = 1,024 -> 1,792
+    # sar: 2 * 16 * 2 * 8 = 512, shared 1,024 -> 1,536; both: 768 + 512 + 2,048 = 3,328
+    report = count_macs(model, x, per_modality=True)
+    assert report.total == 3_328
+    assert report.by_modality == {"rgb": 1_792, "sar": 1_536}
+    assert report.by_module == {
+        "": 3_328,
+        "embed": 1_280,
+        "embed.rgb": 768,
+        "embed.sar": 512,
+        "shared": 2_048,
+    }
+    assert report.input_shapes == {"rgb": (2, 3, 4, 4), "sar": (2, 2, 4, 4)}
+    assert report.uncalled == []
+    assert model.training  # the mode is restored
+    only_sar = count_macs(model, {"sar": x["sar"]})
+    assert only_sar.uncalled == ["embed.rgb"]
+    assert only_sar.total == 1_536
