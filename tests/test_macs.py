@@ -10,10 +10,14 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from mapex_analysis.cli import main
 from mapex_analysis.measure.macs import MacsError, count_macs, sdpa_macs
+from mapex_analysis.measure.params import count_params
+from mapex_analysis.modalities import ModalityError
 
 # ---------------------------------------------------------------------------------------------
 # timm ViT-B/16 at 224 px, batch 1, hand-derived (N = 14 * 14 + 1 = 197 tokens, D = 768,
@@ -229,3 +233,148 @@ def test_modality_dict_inputs_and_per_modality_breakdown() -> None:
     only_sar = count_macs(model, {"sar": x["sar"]})
     assert only_sar.uncalled == ["embed.rgb"]
     assert only_sar.total == 1_536
+
+
+# ---------------------------------------------------------------------------------------------
+# parameters
+
+
+class _ToyMoE(nn.Module):
+    """The MoEMLP structure count_params reads: experts, expert_groups, shared experts, router."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])  # 20 params each
+        self.expert_groups = ["rgb", "sar"]
+        self.shared_experts = nn.ModuleList([nn.Linear(4, 4)])  # 20
+        self.router = nn.Linear(4, 2)  # 10
+
+
+class _ToyModalityModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.modalities = ("rgb", "sar")
+        self.embed = nn.ModuleDict({"rgb": nn.Linear(3, 4), "sar": nn.Linear(2, 4)})  # 16, 12
+        self.moe = _ToyMoE()
+        self.norm = nn.LayerNorm(4)  # 8
+
+
+def test_count_params_active_per_modality() -> None:
+    # total 16 + 12 + 20 + 20 + 20 + 10 + 8 = 106; shared = shared expert 20 + router 10 +
+    # norm 8 = 38; rgb = 38 + embed 16 + expert 20 = 74; sar = 38 + 12 + 20 = 70
+    report = count_params(_ToyModalityModel())
+    assert report.total == 106
+    assert report.shared == 38
+    assert report.owned == {"rgb": 36, "sar": 32}
+    assert report.by_modality == {"rgb": 74, "sar": 70}
+    assert report.active == 106
+    assert count_params(_ToyModalityModel(), ["sar"]).active == 70
+    assert count_params(_ToyModalityModel(), ["sar", "sar"]).active == 70
+
+
+def test_count_params_errors_name_the_valid_modalities() -> None:
+    with pytest.raises(ModalityError, match=r"has no modality \['nir'\]; valid: rgb, sar"):
+        count_params(_ToyModalityModel(), ["nir"])
+    with pytest.raises(ModalityError, match="Linear declares no modalities"):
+        count_params(nn.Linear(2, 2), ["rgb"])
+    model = _ToyModalityModel()
+    model.moe.expert_groups = ["rgb"]
+    with pytest.raises(ValueError, match=r"moe: 2 experts but 1 expert_groups \['rgb'\]"):
+        count_params(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def test_cli_macs_prints_macs_flops_ops_cross_check_and_params() -> None:
+    # timm ViT-Ti/16 at 224 px (D = 192, 3 heads, 12 blocks, MLP 768, N = 197):
+    #   linears 12 * 197 * 192 * (576 + 192 + 768 + 768) + head 192 * 1000 = 1,045,949,952
+    #   conv 196 * 192 * 768 = 28,901,376;  attention 12 * 2 * 197^2 * 192 = 178,831,872
+    #   norms 25 * 197 * 192 * 5 = 4,728,000;  total 1,258,411,200 MACs, 2,516,822,400 FLOPs
+    result = CliRunner().invoke(main, ["macs", "timm/vit_tiny_patch16_224"])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "total: 1,258,411,200 MACs = 1.258 G MACs" in out
+    assert "FLOPs = 2 x MACs = 2.517 G FLOPs" in out
+    assert "scaled_dot_product_attention │ 178,831,872" in out
+    assert "aten::gelu x12" in out
+    assert "relative difference 0.0000%" in out
+    assert "parameters: 5,717,416 total" in out
+
+
+def test_cli_macs_unknown_modality_is_an_error() -> None:
+    result = CliRunner().invoke(main, ["macs", "timm/vit_tiny_patch16_224", "--modalities", "sar"])
+    assert result.exit_code == 2
+    assert "VisionTransformer declares no modalities; cannot feed ['sar']" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# slimmed ViTs: relative MACs follow the analytic formula
+
+
+def _slim_vit_macs(
+    s: float, *, n: int, d: int, heads: int, hidden: int, depth: int, patch_in: int
+) -> int:
+    """Hand formula for a slimmed timm ViT without head (fvcore norms: 5 per element).
+
+    Per block, with d_k' = max(1, floor(s * d_k)) per head and h' = max(1, floor(s * hidden)):
+    qkv N*D*3*H*d_k' + QK^T and AV 2*H*N^2*d_k' + proj N*H*d_k'*D + MLP 2*N*D*h' + 2 norms
+    2*N*D*5; plus the unslimmed patch embedding (N - 1)*D*patch_in and the final norm N*D*5.
+    """
+    dk = max(1, int(s * (d // heads) + 1e-9))
+    h = max(1, int(s * hidden + 1e-9))
+    block = (
+        n * d * 3 * heads * dk
+        + 2 * heads * n * n * dk
+        + n * heads * dk * d
+        + 2 * n * d * h
+        + 2 * n * d * 5
+    )
+    return depth * block + (n - 1) * d * patch_in + n * d * 5
+
+
+def test_slimmed_vit_relative_macs_follow_formula_over_the_grid() -> None:
+    from mapex_analysis.ops import SLIM_WIDTHS, slim_width
+
+    # 32 px, patch 8, 12 bands: N = 17, D = 64, 4 heads (d_k = 16), MLP 256, 2 blocks,
+    # patch_in = 12 * 8 * 8 = 768
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=8,
+        in_chans=12,
+        embed_dim=64,
+        depth=2,
+        num_heads=4,
+        num_classes=0,
+    ).eval()
+    shape = dict(n=17, d=64, heads=4, hidden=256, depth=2, patch_in=768)
+    x = torch.randn(1, 12, 32, 32)
+    full = count_macs(model, x, cross_check=False).total
+    assert full == _slim_vit_macs(1.0, **shape)
+    assert len(SLIM_WIDTHS) == 31
+    for s in SLIM_WIDTHS:
+        macs = count_macs(slim_width(model, s), x, cross_check=False).total
+        assert macs == _slim_vit_macs(s, **shape), s
+        assert macs / full == _slim_vit_macs(s, **shape) / _slim_vit_macs(1.0, **shape), s
+    # smallest width: d_k' = 1, h' = 1 per block: 17*64*12 + 2*4*289 + 17*4*64 + 2*17*64
+    # + 10*17*64 = 13,056 + 2,312 + 4,352 + 2,176 + 10,880 = 32,776; x 2 + patch 16*64*768
+    # (786,432) + norm 5,440 = 857,424
+    assert _slim_vit_macs(0.001, **shape) == 857_424
+
+
+def test_slimmed_vit_b16_12_bands_smallest_width_reference() -> None:
+    from mapex_analysis.ops import slim_width
+
+    # REFERENCES.md: ViT-B/16, 224 px, 12 bands, smallest width -> about 3.2-3.3 % compute.
+    model = timm.create_model(
+        "vit_base_patch16_224", pretrained=False, in_chans=12, num_classes=0
+    ).eval()
+    x = torch.randn(1, 12, 224, 224)
+    full = count_macs(model, x, cross_check=False).total
+    small = count_macs(slim_width(model, 0.001), x, cross_check=False).total
+    shape = dict(n=197, d=768, heads=12, hidden=3072, depth=12, patch_in=12 * 256)
+    assert full == _slim_vit_macs(1.0, **shape)
+    assert small == _slim_vit_macs(0.001, **shape)
+    assert 0.032 <= small / full <= 0.033

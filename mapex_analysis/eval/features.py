@@ -46,6 +46,7 @@ __all__ = [
     "data_fingerprint",
     "extract_features",
     "model_fingerprint",
+    "patch_tokens",
 ]
 
 logger = logging.getLogger(__name__)
@@ -180,15 +181,28 @@ def _batches(arrays: Mapping[str, np.ndarray], modalities: Sequence[str], bs: in
         yield {m: torch.from_numpy(arrays[m][i : i + bs]) for m in modalities}
 
 
-def _patch_tokens(model: nn.Module, x: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Final patch tokens ``(B, P, D)``, averaged over modalities per patch position."""
+def patch_tokens(model: nn.Module, x: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Final patch tokens ``(B, P, D)`` in raster order, averaged over modalities per patch.
+
+    Args:
+        model: A token model with ``tokenize`` and ``encode``.
+        x: ``{modality: (B, C, H, W)}`` in physical units.
+
+    Returns:
+        ``(B, P, D)`` tokens (CLS dropped).
+
+    Raises:
+        TypeError: if the model has no ``tokenize``/``encode``.
+        ValueError: if the modalities have different numbers of patch tokens.
+    """
     if not (hasattr(model, "tokenize") and hasattr(model, "encode")):
         raise TypeError(
             f"pool='patch' needs a token model with tokenize/encode; "
             f"{type(model).__name__} has neither"
         )
-    tokens, modality_index = model.tokenize(x)  # (B, N, D), (B, N)
-    out = model.encode(tokens, modality_index)[:, 1:]  # drop CLS -> (B, N, D)
+    net: Any = model  # contract methods, not nn.Module attributes
+    tokens, modality_index = net.tokenize(x)  # (B, N, D), (B, N)
+    out = net.encode(tokens, modality_index)[:, 1:]  # drop CLS -> (B, N, D)
     groups = [out[:, modality_index[0] == m] for m in torch.unique(modality_index[0])]
     sizes = {g.shape[1] for g in groups}
     if len(sizes) != 1:
@@ -198,7 +212,7 @@ def _patch_tokens(model: nn.Module, x: Mapping[str, torch.Tensor]) -> torch.Tens
 
 def _pooled(model: nn.Module, x: Mapping[str, torch.Tensor], pool: str) -> torch.Tensor:
     if pool == "patch":
-        return _patch_tokens(model, x)
+        return patch_tokens(model, x)
     own_pool = getattr(model, "pool", None)
     if not hasattr(model, "forward_features"):
         if pool != own_pool:
@@ -207,9 +221,10 @@ def _pooled(model: nn.Module, x: Mapping[str, torch.Tensor], pool: str) -> torch
                 f"pool={pool!r} is not available"
             )
         return model(x)
-    tokens = model.forward_features(x)  # (B, 1+N, D)
+    net: Any = model
+    tokens = net.forward_features(x)  # (B, 1+N, D)
     if pool == own_pool:
-        return model.forward_head(tokens, pre_logits=True)
+        return net.forward_head(tokens, pre_logits=True)
     return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
 
 

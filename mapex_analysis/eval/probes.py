@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -385,6 +386,7 @@ def run_probe(
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown probe protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    fn: Callable[..., ProbeResult]
     if kind in ("multiclass", "binary"):
         fn = knn_probe if protocol == "knn" else linear_probe
         return fn(train_X, train_y, test_X, test_y, **kwargs)

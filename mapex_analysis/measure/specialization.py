@@ -112,7 +112,7 @@ def normalized_routing_entropy(counts: Any) -> np.ndarray:
         return np.full(p.shape[0], np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
-    h = -plogp.sum(axis=1)
+    h = -plogp.sum(axis=1) + 0.0  # + 0.0 turns -0.0 into 0.0
     h[np.isnan(p).any(axis=1)] = np.nan
     return h / math.log(n_experts)
 
@@ -325,13 +325,14 @@ def collect_routing(
             raise KeyError(f"modality {m!r} is not in the data; available: {', '.join(data)}")
     n = len(data[modalities[0]])
     totals: list[RoutingCounts | None] | None = None
+    net: Any = model  # encode/tokenize: contract methods
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             for start in range(0, n, batch_size):
                 x = {m: torch.as_tensor(data[m][start : start + batch_size]) for m in modalities}
-                _, info = model.encode(*model.tokenize(x), return_routing=True)
+                _, info = net.encode(*net.tokenize(x), return_routing=True)
                 batch = [
                     None
                     if st is None

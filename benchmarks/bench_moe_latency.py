@@ -1,0 +1,99 @@
+"""Sparse-dispatch overhead: MAPEX fed one modality vs a dense ViT of the same active size.
+
+``mapex_tiny`` fed a single modality runs, per block, shared attention plus its top-k routed
+experts and the shared experts on every token. The reference is a dense timm
+``VisionTransformer`` with the same width, depth, heads, patch size, image size and input
+bands, whose MLP hidden size equals the active expert hidden size (``top_k * expert hidden +
+shared experts' hidden``), so both count (nearly) the same MACs; the benchmark prints both MAC
+counts to show it. The remaining latency gap is the cost of routing and sparse dispatch
+(router, top-k, ``index_select``/``index_add``).
+
+Both models are timed side by side in one process, in alternating rounds (so drifts in machine
+load hit both), at batch 64 on CPU. The script prints the ratio of medians and exits with
+status 1 if it exceeds the target (default 1.15)::
+
+    .venv/bin/python benchmarks/bench_moe_latency.py [--modality sar] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import timm
+import torch
+from torch import nn
+
+from mapex_analysis.measure.cost import example_inputs
+from mapex_analysis.measure.latency import measure_latency
+from mapex_analysis.measure.macs import count_macs
+from mapex_analysis.models.registry import create_model
+
+
+def active_mlp_hidden(model: nn.Module) -> int:
+    """Hidden units one token passes through in a MAPEX block's MoE (all blocks alike)."""
+    mlp = model.blocks[0].mlp
+    if not hasattr(mlp, "experts"):
+        return int(mlp.fc1.out_features)
+    routed = int(mlp.experts[0].fc1.out_features) * int(mlp.top_k)
+    shared = sum(int(e.fc1.out_features) for e in mlp.shared_experts)
+    return routed + shared
+
+
+def dense_twin(model: nn.Module, in_chans: int) -> nn.Module:
+    """A dense timm ViT with the width, depth, heads and active MLP size of ``model``."""
+    img = model.img_size if isinstance(model.img_size, int) else model.img_size[0]
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=img,
+        patch_size=model.patch_size,
+        in_chans=in_chans,
+        embed_dim=model.embed_dim,
+        depth=len(model.blocks),
+        num_heads=model.blocks[0].attn.num_heads,
+        mlp_ratio=active_mlp_hidden(model) / model.embed_dim,
+        num_classes=0,
+        global_pool="token" if model.pool == "cls" else "avg",
+    ).eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="mapex_tiny")
+    parser.add_argument("--modality", default="sar")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--target", type=float, default=1.15)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    mapex = create_model(args.model).eval()
+    x = example_inputs(mapex, batch_size=args.batch_size, modalities=[args.modality])
+    assert isinstance(x, dict)
+    dense_x = x[args.modality]
+    dense = dense_twin(mapex, in_chans=dense_x.shape[1])
+
+    macs_mapex = count_macs(mapex, x, cross_check=False).total
+    macs_dense = count_macs(dense, dense_x, cross_check=False).total
+    medians: dict[str, list[float]] = {"mapex": [], "dense": []}
+    for _ in range(args.rounds):
+        for name, model, inp in (("mapex", mapex, x), ("dense", dense, dense_x)):
+            rep = measure_latency(model, inp, warmup=2, repeats=args.repeats, threads=args.threads)
+            medians[name].append(rep.points[0].median_ms)
+    t_mapex = statistics.median(medians["mapex"])
+    t_dense = statistics.median(medians["dense"])
+    ratio = t_mapex / t_dense
+    print(
+        f"{args.model} fed {args.modality!r}, batch {args.batch_size}, {args.threads} thread(s), "
+        f"torch {torch.__version__}"
+    )
+    print(f"  MAPEX : {t_mapex:8.2f} ms  {macs_mapex / 1e6:9.2f} M MACs")
+    print(f"  dense : {t_dense:8.2f} ms  {macs_dense / 1e6:9.2f} M MACs")
+    print(f"  ratio MAPEX / dense = {ratio:.3f} (target <= {args.target})")
+    return 0 if ratio <= args.target else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

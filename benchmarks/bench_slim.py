@@ -1,0 +1,94 @@
+"""Realised speedup of post-hoc width slimming vs its MACs reduction.
+
+A timm ViT-S/16 (random init, 224 px, 3 bands) is slimmed with
+:func:`mapex_analysis.slim_width` to each width ``s`` (default 1.0, 0.5, 0.25, 0.1) and all
+variants are timed side by side in one process, in alternating rounds (so drifts in machine
+load hit every width alike), at batch 32 on CPU. MACs are counted with
+:func:`mapex_analysis.measure.macs.count_macs` on the same batch (attention matmuls and the
+unslimmed patch embedding included, as in the slimmability paper).
+
+For each width it prints the MACs ratio ``MACs(s) / MACs(1)``, the realised speedup
+``latency(1) / latency(s)``, the MACs reduction ``MACs(1) / MACs(s)`` and their quotient, the
+efficiency ``speedup / MACs reduction`` (1.0 = the full saving is realised). It exits with
+status 1 if the efficiency of a width ``s >= 0.25`` is below the target (default 0.7)::
+
+    .venv/bin/python benchmarks/bench_slim.py [--threads 1] [--rounds 5] [--batch 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import timm
+import torch
+
+from mapex_analysis.measure.latency import measure_latency
+from mapex_analysis.measure.macs import count_macs
+from mapex_analysis.ops import slim_width
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="vit_small_patch16_224")
+    parser.add_argument("--widths", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5, help="timed repeats per width")
+    parser.add_argument("--target", type=float, default=0.7)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    base = timm.create_model(
+        args.model, pretrained=False, img_size=args.img_size, num_classes=0
+    ).eval()
+    widths = sorted(set(args.widths) | {1.0}, reverse=True)
+    models = {s: (base if s == 1.0 else slim_width(base, s)) for s in widths}
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
+
+    macs = {
+        s: count_macs(m, x[:1], cross_check=False).total * args.batch for s, m in models.items()
+    }
+    params = {s: sum(p.numel() for p in m.parameters()) for s, m in models.items()}
+    for m in models.values():
+        measure_latency(m, x, warmup=args.warmup, repeats=1, threads=args.threads)
+    times: dict[float, list[float]] = {s: [] for s in widths}
+    for _ in range(args.rounds):
+        for s, m in models.items():
+            rep = measure_latency(m, x, warmup=0, repeats=1, threads=args.threads)
+            times[s].append(rep.points[0].median_ms)
+    median = {s: statistics.median(t) for s, t in times.items()}
+
+    print(
+        f"{args.model} at {args.img_size} px, batch {args.batch}, CPU, {args.threads} thread(s), "
+        f"median of {args.rounds} alternating rounds; torch {torch.__version__}"
+    )
+    header = (
+        f"{'s':>6} {'params':>11} {'G MACs':>9} {'MACs ratio':>10} {'latency ms':>11} "
+        f"{'speedup':>8} {'MACs red.':>9} {'efficiency':>10}"
+    )
+    print(header)
+    failed = []
+    for s in widths:
+        speedup = median[1.0] / median[s]
+        reduction = macs[1.0] / macs[s]
+        eff = speedup / reduction
+        print(
+            f"{s:>6g} {params[s]:>11,} {macs[s] / 1e9:>9.2f} {macs[s] / macs[1.0]:>10.4f} "
+            f"{median[s]:>11.1f} {speedup:>8.2f} {reduction:>9.2f} {eff:>10.2f}"
+        )
+        if s >= 0.25 and eff < args.target:
+            failed.append(s)
+    if failed:
+        print(f"efficiency below {args.target} at s = {failed}")
+        return 1
+    print(f"efficiency >= {args.target} for every s >= 0.25")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

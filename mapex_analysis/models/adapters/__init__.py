@@ -1,0 +1,15 @@
+"""Other remote sensing foundation models behind one contract (DESIGN.md section 6).
+
+Importing this package registers every adapter with :mod:`mapex_analysis.models.registry`.
+"""
+
+from mapex_analysis.models.adapters import dofa  # noqa: F401
+from mapex_analysis.models.adapters.base import (
+    FILL_POLICIES,
+    Adapter,
+    Normalization,
+    WeightsError,
+    WeightsReport,
+)
+
+__all__ = ["FILL_POLICIES", "Adapter", "Normalization", "WeightsError", "WeightsReport"]

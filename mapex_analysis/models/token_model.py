@@ -1,0 +1,216 @@
+"""The token-model contract shared by MAPEX and the dense group-channel ViT.
+
+:class:`TokenEncoder` owns the :class:`~mapex_analysis.models.tokenizer.ModalityTokenizer`, the
+CLS token, the blocks and the final norm, and implements the project's model contract
+(``tokenize``, ``encode``, ``forward_features``, ``forward_head``, ``forward_intermediates``,
+``forward``). Subclasses only say how one block runs (:meth:`TokenEncoder.run_block`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, cast
+
+import torch
+from torch import nn
+
+from mapex_analysis.models.moe import RoutingInfo, RoutingStats
+from mapex_analysis.models.tokenizer import ModalityTokenizer
+
+__all__ = ["TokenEncoder"]
+
+Pool = Literal["cls", "mean"]
+
+
+class TokenEncoder(nn.Module):
+    """Base class: tokenizer + CLS + blocks + norm.
+
+    Args:
+        modalities: Modalities the model accepts.
+        img_size: Square input size in pixels.
+        patch_size: Patch size in pixels.
+        embed_dim: Token width.
+        pool: ``"cls"`` or ``"mean"`` (mean over patch tokens) for :meth:`forward_head`.
+
+    Raises:
+        ValueError: for an unknown pool.
+    """
+
+    blocks: nn.ModuleList
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        img_size: int,
+        patch_size: int,
+        embed_dim: int,
+        pool: str = "cls",
+    ) -> None:
+        super().__init__()
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"unknown pool {pool!r}; valid pools: cls, mean")
+        self.tokenizer = ModalityTokenizer(modalities, img_size, patch_size, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        nn.init.normal_(self.cls_token, std=0.02)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Identity()
+        self.embed_dim = embed_dim
+        self.num_features = embed_dim
+        self.patch_size = patch_size
+        self.img_size = img_size
+        self.pool: Pool = cast(Pool, pool)
+
+    # -- contract attributes --------------------------------------------------------------
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """Modalities the model accepts (read from its patch embeddings)."""
+        return self.tokenizer.modalities
+
+    @property
+    def patch_embed(self) -> nn.ModuleDict:
+        """``{modality: timm PatchEmbed}``."""
+        return self.tokenizer.patch_embed
+
+    @property
+    def modality_embed(self) -> nn.ParameterDict:
+        """``{modality: (D,) learned modality embedding}``."""
+        return self.tokenizer.modality_embed
+
+    # -- blocks ---------------------------------------------------------------------------
+    def run_block(
+        self,
+        i: int,
+        x: torch.Tensor,
+        modality_index: torch.Tensor,
+        pos: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, RoutingStats | None]:
+        """Run block ``i``; return ``(tokens, aux_loss or None, stats or None)``.
+
+        The base implementation calls ``self.blocks[i](x)`` (a dense timm ``Block``).
+        """
+        return self.blocks[i](x), None, None
+
+    # -- contract methods -----------------------------------------------------------------
+    def tokenize(self, x: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``(B, N, D)`` (position + modality embedding added) and ``(B, N)`` indices.
+
+        Args:
+            x: ``{modality: (B, C, H, W)}`` in physical units, any non-empty subset of
+                :attr:`modalities`.
+
+        Returns:
+            ``(tokens, modality_index)``; ``modality_index`` indexes :attr:`modalities`.
+
+        Raises:
+            ModalityError: for an unknown modality or an empty dict.
+            BandError: for a wrong band count (naming the expected bands).
+        """
+        t = self.tokenizer(x)
+        return t.tokens, t.modality_index
+
+    def _prepare(
+        self, tokens: torch.Tensor, modality_index: torch.Tensor, positions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B = tokens.shape[0]
+        if positions is None:
+            positions = self.tokenizer.positions_from_index(modality_index)
+        table = cast(torch.Tensor, self.tokenizer.pos_embed)
+        pos = table.to(tokens.dtype)[positions]  # (B, N, D)
+        x = torch.cat([self.cls_token.expand(B, -1, -1).to(tokens.dtype), tokens], dim=1)
+        cls_idx = torch.full((B, 1), -1, dtype=torch.long, device=tokens.device)
+        idx = torch.cat([cls_idx, modality_index.to(tokens.device)], dim=1)  # (B, 1+N)
+        pos = torch.cat([pos.new_zeros(B, 1, pos.shape[-1]), pos], dim=1)
+        return x, idx, pos
+
+    def _run(
+        self,
+        tokens: torch.Tensor,
+        modality_index: torch.Tensor,
+        positions: torch.Tensor | None,
+        keep: set[int] | None,
+    ) -> tuple[torch.Tensor, RoutingInfo, list[torch.Tensor]]:
+        x, idx, pos = self._prepare(tokens, modality_index, positions)
+        aux = tokens.new_zeros(())
+        stats: list[RoutingStats | None] = []
+        inter: list[torch.Tensor] = []
+        for i in range(len(self.blocks)):
+            x, a, st = self.run_block(i, x, idx, pos)
+            if a is not None:
+                aux = aux + a
+            stats.append(st)
+            if keep is not None and i in keep:
+                inter.append(x)
+        return self.norm(x), RoutingInfo(aux_loss=aux, stats=stats), inter
+
+    def encode(
+        self,
+        tokens: torch.Tensor,
+        modality_index: torch.Tensor,
+        *,
+        return_routing: bool = False,
+        positions: torch.Tensor | None = None,
+    ) -> Any:
+        """Run the blocks on tokens from :meth:`tokenize` (or a masked subset of them).
+
+        Args:
+            tokens: ``(B, N, D)``.
+            modality_index: ``(B, N)``.
+            return_routing: Also return the :class:`RoutingInfo`.
+            positions: ``(B, N)`` patch index of each token; by default derived from the layout
+                :meth:`tokenize` produces. Pass it for masked subsets.
+
+        Returns:
+            ``(B, 1 + N, D)`` normalised tokens, CLS first; with ``return_routing`` a tuple
+            ``(tokens, RoutingInfo)``.
+        """
+        out, info, _ = self._run(tokens, modality_index, positions, None)
+        return (out, info) if return_routing else out
+
+    def forward_features(
+        self, x: Mapping[str, torch.Tensor], *, return_routing: bool = False
+    ) -> Any:
+        """``encode(*tokenize(x))``: ``(B, 1 + N, D)`` (and :class:`RoutingInfo`)."""
+        return self.encode(*self.tokenize(x), return_routing=return_routing)
+
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
+        """Pool ``(B, 1 + N, D)`` tokens to ``(B, D)`` per :attr:`pool`.
+
+        The encoder has no classifier (``head`` is the identity), so ``pre_logits`` only
+        decides whether ``head`` is applied.
+        """
+        pooled = tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(dim=1)
+        return pooled if pre_logits else cast(torch.Tensor, self.head(pooled))
+
+    def forward(self, x: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled features ``(B, D)``."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self, x: Mapping[str, torch.Tensor], indices: int | Sequence[int] | None = None
+    ) -> list[torch.Tensor]:
+        """Outputs ``(B, 1 + N, D)`` of selected blocks (before the final norm).
+
+        Args:
+            x: Modality batch.
+            indices: ``None`` (all blocks), an int ``n`` (the last ``n`` blocks) or block
+                indices (negative counts from the end).
+
+        Returns:
+            One tensor per selected block, in block order.
+
+        Raises:
+            IndexError: for a block index outside ``[-depth, depth)``.
+        """
+        depth = len(self.blocks)
+        if indices is None:
+            keep = set(range(depth))
+        elif isinstance(indices, int):
+            keep = set(range(max(depth - indices, 0), depth))
+        else:
+            keep = set()
+            for i in indices:
+                if not -depth <= i < depth:
+                    raise IndexError(f"block index {i} out of range for depth {depth}")
+                keep.add(i % depth)
+        _, _, inter = self._run(*self.tokenize(x), None, keep)
+        return inter

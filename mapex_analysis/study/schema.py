@@ -1,0 +1,484 @@
+"""The study YAML schema: a typed, validated description of one study.
+
+A study names models (registry names or checkpoint directories), the data, the tasks, the
+operators (modality-aware expert pruning, post-hoc width slimming and their composition), the
+probe protocols, the seeds and the measurements. Everything is validated on load (pydantic,
+``extra="forbid"``, closed option sets as ``Literal``); errors are collected into one
+:class:`StudyError` whose lines name the YAML path (``operators.slim.widths[3]``) and the
+allowed values.
+
+Example::
+
+    name: smoke
+    models:
+      mapex: {source: mapex_test, role: mapex}
+      dense: {source: vit_mae_test, role: dense}
+    tasks: [landcover]
+    operators:
+      prune: {sets: [each, [rgb, sar]]}
+      slim: {widths: [0.25, 0.5, 1.0], on: [base, pruned]}
+    protocols: [knn, linear]
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from mapex_analysis.modalities import DEFAULT_MODALITIES
+
+__all__ = [
+    "DataConfig",
+    "LatencyConfig",
+    "ModelConfig",
+    "OperatorsConfig",
+    "PruneConfig",
+    "SlimConfig",
+    "Study",
+    "StudyError",
+    "format_validation_error",
+    "load_study",
+    "parse_study",
+]
+
+Protocol = Literal["knn", "linear", "finetune"]
+Measurement = Literal["macs", "params", "latency", "redundancy", "specialization", "attribution"]
+Role = Literal["mapex", "dense", "supervised"]
+Router = Literal["deterministic", "pos_embed", "modality"]
+SlimMode = Literal["attn+mlp", "attn", "mlp"]
+SlimOrder = Literal["first", "last", "random", "magnitude"]
+SlimTarget = Literal["base", "pruned"]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class StudyError(ValueError):
+    """A study file that does not validate; one line per problem, each naming its YAML path."""
+
+
+def _loc(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def format_validation_error(err: ValidationError, source: str = "study") -> str:
+    """One line per validation problem: ``path: message (got value)``.
+
+    Args:
+        err: The pydantic error.
+        source: File name shown in the first line.
+
+    Returns:
+        The formatted message.
+    """
+    lines = [f"{source}: {err.error_count()} problem(s)"]
+    for e in err.errors(include_url=False):
+        loc = list(e["loc"])
+        ctx = e.get("ctx") or {}
+        if e["type"] == "unknown_key":
+            loc.append(str(ctx["key"]))
+        if "index" in ctx:
+            loc.append(int(ctx["index"]))
+        # Drop pydantic's union/tag markers (``function-after[...]``, ``list[...]``).
+        loc = [p for p in loc if not (isinstance(p, str) and ("[" in p or p in {"str", "float"}))]
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        got = ""
+        if e["type"] not in ("unknown_key", "missing", "modality_set", "width_range", "unknown_task"):
+            got = f" (got {e['input']!r})"
+        lines.append(f"  {_loc(loc)}: {msg}{got}")
+    return "\n".join(lines)
+
+
+class _Strict(BaseModel):
+    """Base of every config section: unknown keys are errors that list the allowed ones."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            allowed = set(cls.model_fields)
+            for key in data:
+                if key not in allowed:
+                    raise PydanticCustomError(
+                        "unknown_key",
+                        "{msg}",
+                        {"key": str(key), "msg": f"unknown key {key!r}; allowed keys: "
+                         + ", ".join(sorted(allowed))},
+                    )
+        return data
+
+
+def _is_checkpoint_ref(source: str) -> bool:
+    return "/" in source or source.startswith(".") or Path(source).exists()
+
+
+class ModelConfig(_Strict):
+    """One model of the study.
+
+    Attributes:
+        source: A registry name (``mapex_tiny``) or a checkpoint directory (``models/x``).
+        role: ``mapex`` (MoE, prunable), ``dense`` (the dense baseline) or ``supervised``
+            (trained from scratch on the task; reported in the seed-style tables).
+        router: For router-ablation models: the router kind (passed to registry names as
+            the ``router`` keyword; for checkpoints only a label).
+        kwargs: Extra keyword arguments for registry entry points (``depth=2``...).
+        init_seed: Seed of the random initialisation of registry models.
+    """
+
+    source: str
+    role: Role = "mapex"
+    router: Router | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    init_seed: int = 0
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        from mapex_analysis.models.registry import list_models
+
+        if _is_checkpoint_ref(v):
+            path = Path(v)
+            if not (path / "spec.json").is_file():
+                raise ValueError(
+                    f"checkpoint directory {v!r} not found (a checkpoint directory holds "
+                    f"spec.json, weights.safetensors, README.md); registered models: "
+                    f"{', '.join(list_models()) or '(none)'}"
+                )
+            return v
+        names = list_models()
+        if v not in names:
+            raise ValueError(
+                f"unknown model {v!r}; registered models: {', '.join(names) or '(none)'}, "
+                f"or a checkpoint directory such as models/<name>"
+            )
+        return v
+
+    @property
+    def is_checkpoint(self) -> bool:
+        """Whether :attr:`source` is a checkpoint directory."""
+        return _is_checkpoint_ref(self.source)
+
+
+class DataConfig(_Strict):
+    """The data: SynthEO, the built-in seeded generator.
+
+    Attributes:
+        source: ``syntheo``.
+        seed: Base seed of the generator (the study seed is added to it).
+        img_size: Scene size in pixels.
+        n_train: Training scenes per task (probe fitting).
+        n_test: Test scenes per task (probe evaluation).
+        clouds: Cloud probability override (``None``: the task's default).
+        batch_size: Samples per forward pass during feature extraction.
+    """
+
+    source: Literal["syntheo"] = "syntheo"
+    seed: int = 0
+    img_size: int = Field(32, ge=8)
+    n_train: int = Field(256, ge=10)
+    n_test: int = Field(256, ge=10)
+    clouds: float | None = Field(None, ge=0.0, le=1.0)
+    batch_size: int = Field(256, ge=1)
+
+
+ModalitySet = list[str]
+
+
+def _check_modality_set(v: Any) -> list[str]:
+    if not isinstance(v, list):
+        raise ValueError(f"a modality set is a list of modalities from {list(DEFAULT_MODALITIES)}")
+    if not v:
+        raise ValueError(f"empty modality set; choose from {list(DEFAULT_MODALITIES)}")
+    for m in v:
+        if m not in DEFAULT_MODALITIES:
+            raise ValueError(f"unknown modality {m!r}; valid: {', '.join(DEFAULT_MODALITIES)}")
+    if len(set(v)) != len(v):
+        raise ValueError(f"modality set {v} repeats a modality")
+    return [m for m in DEFAULT_MODALITIES if m in v]
+
+
+class PruneConfig(_Strict):
+    """Modality-aware expert pruning.
+
+    Attributes:
+        sets: Modality sets to prune to: ``each`` (every single modality) and/or explicit
+            lists (``[rgb, sar]``).
+        strategy: ``static`` (keep the task modalities' groups) or ``routing`` (calibrated).
+        coverage: Routed-token share kept by the ``routing`` strategy.
+    """
+
+    sets: list[Literal["each"] | list[str]] = Field(default_factory=lambda: ["each"])
+    strategy: Literal["static", "routing"] = "static"
+    coverage: float = Field(0.99, gt=0.0, le=1.0)
+
+    @field_validator("sets", mode="before")
+    @classmethod
+    def _sets(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            raise ValueError('sets is a list of "each" and/or modality lists, e.g. [each, [rgb, sar]]')
+        if not v:
+            raise ValueError("sets is empty; use [each] or explicit modality lists")
+        return v
+
+    @field_validator("sets")
+    @classmethod
+    def _check_sets(cls, v: list[Any]) -> list[Any]:
+        errors = []
+        out: list[Any] = []
+        for i, s in enumerate(v):
+            if s == "each":
+                out.append(s)
+                continue
+            try:
+                out.append(_check_modality_set(s))
+            except ValueError as err:
+                errors.append((i, str(err)))
+        if errors:
+            i, msg = errors[0]
+            raise PydanticCustomError("modality_set", "{msg}", {"index": i, "msg": msg})
+        return out
+
+    def expanded(self, available: Sequence[str]) -> list[tuple[str, ...]]:
+        """Concrete modality sets, in order, duplicates removed.
+
+        Args:
+            available: Modalities the model has (``each`` expands over these).
+
+        Returns:
+            Modality tuples in canonical modality order.
+        """
+        out: list[tuple[str, ...]] = []
+        for s in self.sets:
+            cand = [(m,) for m in available] if s == "each" else [tuple(s)]
+            for c in cand:
+                if all(m in available for m in c) and c not in out:
+                    out.append(c)
+        return out
+
+
+class SlimConfig(_Strict):
+    """Post-hoc uniform width slimming.
+
+    Attributes:
+        widths: Width factors in (0, 1], or ``paper`` for the 31-width grid.
+        modes: Sub-layers slimmed: ``attn+mlp``, ``attn``, ``mlp``.
+        orders: Which dims are kept: ``first`` (paper), ``last``, ``random``, ``magnitude``.
+        on: What is slimmed: ``base`` (the full model, all its modalities) and/or ``pruned``
+            (every pruned variant: prune-then-slim).
+        modality_sets: Also slim the full model fed each of the prune sets (so a task with
+            only those modalities can compare both operators on the same input).
+        seed: Seed of the ``random`` order.
+    """
+
+    widths: Literal["paper"] | list[float] = "paper"
+    modes: list[SlimMode] = Field(default_factory=lambda: ["attn+mlp"], min_length=1)
+    orders: list[SlimOrder] = Field(default_factory=lambda: ["first"], min_length=1)
+    on: list[SlimTarget] = Field(default_factory=lambda: ["base"], min_length=1)
+    modality_sets: bool = False
+    seed: int = 0
+
+    @field_validator("widths", mode="before")
+    @classmethod
+    def _widths_type(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError('widths is empty; give widths in (0, 1] or "paper"')
+        return v
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, v: Any) -> Any:
+        if v == "paper":
+            return v
+        for i, s in enumerate(v):
+            if not 0.0 < s <= 1.0:
+                raise PydanticCustomError(
+                    "width_range",
+                    "width {s} is outside (0, 1]; use values in (0, 1] or "
+                    '"paper" for the 31-width grid',
+                    {"index": i, "s": s},
+                )
+        return v
+
+    def width_list(self) -> list[float]:
+        """Concrete widths, descending (``paper`` expanded to the 31-width grid)."""
+        if self.widths == "paper":
+            from mapex_analysis.ops.slim import SLIM_WIDTHS
+
+            vals = list(SLIM_WIDTHS)
+        else:
+            vals = list(self.widths)
+        return sorted(set(vals), reverse=True)
+
+
+class OperatorsConfig(_Strict):
+    """The operators applied to each model.
+
+    Attributes:
+        prune: Pruning (MAPEX models only), or ``None``.
+        slim: Slimming, or ``None``.
+    """
+
+    prune: PruneConfig | None = None
+    slim: SlimConfig | None = None
+
+
+class LatencyConfig(_Strict):
+    """Latency measurement settings.
+
+    Attributes:
+        batch_sizes: Batch sizes timed.
+        warmup: Untimed calls per batch size.
+        repeats: Timed calls per batch size (median reported).
+        threads: Torch threads during timing (``None``: the current setting).
+    """
+
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
+    warmup: int = Field(2, ge=0)
+    repeats: int = Field(5, ge=1)
+    threads: int | None = Field(None, ge=1)
+
+
+class FinetuneConfig(_Strict):
+    """Short fine-tuning settings (protocol ``finetune``).
+
+    Attributes:
+        epochs: Passes over the training split.
+        lr: AdamW learning rate.
+        batch_size: Samples per step.
+    """
+
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    batch_size: int = Field(64, ge=1)
+
+
+class Study(_Strict):
+    """A whole study.
+
+    Attributes:
+        name: Study name; results go to ``<output_dir>/<name>/``.
+        description: Free text shown in the report.
+        models: Label -> :class:`ModelConfig` (labels appear in tables and variant keys).
+        data: :class:`DataConfig`.
+        tasks: SynthEO task names.
+        operators: :class:`OperatorsConfig`.
+        protocols: ``knn``, ``linear``, ``finetune``.
+        knn_k: Neighbours of the k-NN probe.
+        seeds: Seeds (data draw and probe initialisation).
+        measurements: What is measured besides the probes.
+        latency: :class:`LatencyConfig`.
+        finetune: :class:`FinetuneConfig`.
+        attribution_samples: Test samples explained per cell by modality attribution.
+        retention_target: Retention the report's per-modality sentences look for.
+        output_dir: Parent folder of the study's results.
+    """
+
+    name: str
+    description: str = ""
+    models: dict[str, ModelConfig] = Field(min_length=1)
+    data: DataConfig = Field(default_factory=DataConfig)  # type: ignore[arg-type]
+    tasks: list[str] = Field(min_length=1)
+    operators: OperatorsConfig = Field(default_factory=OperatorsConfig)
+    protocols: list[Protocol] = Field(default_factory=lambda: ["knn", "linear"], min_length=1)
+    knn_k: int = Field(5, ge=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    measurements: list[Measurement] = Field(default_factory=lambda: ["macs", "params"])
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    attribution_samples: int = Field(64, ge=2)
+    retention_target: float = Field(0.95, gt=0.0, le=1.0)
+    output_dir: str = "reports"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("name must be letters, digits, '_', '-', '.' (it names a folder)")
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _labels(cls, v: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        for label in v:
+            if not _NAME_RE.match(label):
+                raise ValueError(f"model label {label!r} must be letters, digits, '_', '-', '.'")
+        return v
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        from mapex_analysis.data.tasks import TASKS
+
+        valid = [t for t, spec in TASKS.items() if spec.kind != "unlabelled"]
+        for i, t in enumerate(v):
+            if t not in valid:
+                raise PydanticCustomError(
+                    "unknown_task",
+                    "{msg}",
+                    {"index": i, "msg": f"unknown task {t!r}; valid tasks: {', '.join(valid)}"},
+                )
+        return v
+
+    @property
+    def study_dir(self) -> Path:
+        """``<output_dir>/<name>``."""
+        return Path(self.output_dir) / self.name
+
+
+def parse_study(data: Any, *, source: str = "study") -> Study:
+    """Validate a parsed YAML document.
+
+    Args:
+        data: The document (a mapping).
+        source: Name shown in error messages.
+
+    Returns:
+        The validated :class:`Study`.
+
+    Raises:
+        StudyError: listing every problem with its YAML path and the allowed values.
+    """
+    if not isinstance(data, dict):
+        raise StudyError(f"{source}: a study is a YAML mapping, got {type(data).__name__}")
+    try:
+        return Study.model_validate(data)
+    except ValidationError as err:
+        raise StudyError(format_validation_error(err, source)) from None
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and validate a study YAML file.
+
+    Args:
+        path: The YAML file.
+
+    Returns:
+        The validated :class:`Study`.
+
+    Raises:
+        StudyError: if the file is missing, is not YAML, or does not validate (every problem
+            with its YAML path).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise StudyError(f"study file {str(p)!r} not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise StudyError(f"{p}: not valid YAML: {err}") from None
+    return parse_study(data, source=str(p))
