@@ -26,6 +26,15 @@ _API = {
     "count_macs": "mapex_analysis.measure.macs",
     "count_params": "mapex_analysis.measure.params",
     "measure_latency": "mapex_analysis.measure.latency",
+    "extract_features": "mapex_analysis.eval.features",
+    "knn_probe": "mapex_analysis.eval.probes",
+    "linear_probe": "mapex_analysis.eval.probes",
+    "finetune": "mapex_analysis.eval.finetune",
+    "retention": "mapex_analysis.eval.metrics",
+    "redundancy_metrics": "mapex_analysis.measure.redundancy",
+    "specialization_metrics": "mapex_analysis.measure.specialization",
+    "modality_ablation": "mapex_analysis.measure.attribution",
+    "band_integrated_gradients": "mapex_analysis.measure.attribution",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -109,6 +109,50 @@ def macs(model: str, width: float | None, modalities: str | None, batch_size: in
         console.print(_table(prm.rows(), "Active parameters per modality"))
 
 
+@main.command("pretrain")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--devices", default=None, help="Devices per node (count or 'auto').")
+@click.option("--num-nodes", type=int, default=None, help="Number of nodes (DDP).")
+@click.option("--accelerator", default=None, help="auto, cpu, gpu... (default: the config's).")
+@click.option("--max-steps", type=int, default=None, help="Override the config's steps.")
+@click.option("--output-dir", default=None, help="Override where the checkpoint is written.")
+def pretrain_cmd(
+    config: str,
+    devices: str | None,
+    num_nodes: int | None,
+    accelerator: str | None,
+    max_steps: int | None,
+    output_dir: str | None,
+) -> None:
+    """Masked-autoencoding pretraining from CONFIG.yaml (studies/pretrain/*.yaml)."""
+    import shlex
+
+    from pydantic import ValidationError
+
+    from mapex_analysis.train.pretrain import pretrain
+
+    dev: int | str | None = int(devices) if devices and devices.isdigit() else devices
+    command = "mapex-study " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        res = pretrain(
+            config,
+            devices=dev,
+            num_nodes=num_nodes,
+            accelerator=accelerator,
+            max_steps=max_steps,
+            output_dir=output_dir,
+            command=command,
+        )
+    except (ValidationError, ValueError, TypeError) as err:
+        _fail(err)
+        return
+    if res.checkpoint_dir is not None:
+        console.print(
+            f"{res.config.name}: {res.steps} steps, final loss {res.final_loss:.4f}, "
+            f"{res.seconds:.0f} s -> {res.checkpoint_dir}"
+        )
+
+
 def _fail(err: Exception) -> None:
     console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
     sys.exit(2)

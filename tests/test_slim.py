@@ -346,3 +346,62 @@ def test_bad_plans_raise_value_error(vit: nn.Module) -> None:
         apply_plan(vit, {"op": "slim_width", "s": 0.5, "width": 3})
     with pytest.raises(ValueError, match=r"lacks the width factor 's'"):
         SlimPlan.from_dict({"op": "slim_width"})
+
+
+# --- MAPEX and registered token models ------------------------------------------------------
+
+
+def _mapex() -> nn.Module:
+    from mapex_analysis import create_model
+
+    torch.manual_seed(0)
+    return create_model("mapex_test").eval()
+
+
+def _modality_batch(model: nn.Module) -> dict:
+    from mapex_analysis.measure.cost import example_inputs
+
+    return example_inputs(model, batch_size=2, seed=0)
+
+
+def test_mapex_s_one_is_bit_identical() -> None:
+    model = _mapex()
+    x = _modality_batch(model)
+    slim = slim_width(model, 1.0)
+    with torch.no_grad():
+        assert torch.equal(slim(x), model(x))
+    assert _n(slim) == _n(model)
+
+
+@pytest.mark.parametrize("order", ["first", "magnitude"])
+def test_mapex_every_expert_is_slimmed_and_matches_reference(order: str) -> None:
+    model = _mapex()
+    x = _modality_batch(model)
+    slim = slim_width(model, 0.25, order=order)  # mapex_test: d_k 16 -> 4, expert hidden 32 -> 8
+    mlps = [la for la in slim.op_report["layers"] if la["kind"] == "mlp"]
+    # 2 blocks x (6 routed + 1 shared) experts
+    assert len(mlps) == 14 and {la["kept_hidden"] for la in mlps} == {8}
+    moe = slim.blocks[1].mlp
+    assert moe.experts[5].fc1.out_features == 8 and moe.shared_experts[0].fc2.in_features == 8
+    assert moe.router.proj.out_features == 6  # routing untouched
+    with torch.no_grad():
+        out = slim(x)
+        expected = _zeroed_reference(model, slim.op_report)(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_slimmed_token_vit_saves_and_reloads(tmp_path) -> None:
+    from mapex_analysis import create_model, load_model, save_model
+
+    torch.manual_seed(0)
+    model = create_model("vit_mae_test").eval()
+    slim = slim_width(model, 0.3, mode="attn", order="random", seed=5)
+    save_model(slim, tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt")
+    x = _modality_batch(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), slim(x))
+    assert loaded.applied_ops == slim.applied_ops
+    assert {k: tuple(v.shape) for k, v in loaded.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in slim.state_dict().items()
+    }

@@ -1,4 +1,4 @@
-"""Replaying recorded operator plans: the one entry point checkpoints and studies use.
+"""Operator plans: replaying them (:func:`apply_plan`) and recording them (:func:`record_op`).
 
 Every operator records a JSON-able plan (``{"op": <operator>, ...}``) in ``model.applied_ops``;
 :func:`apply_plan` dispatches such a plan back to its operator, so a checkpoint's ``spec.json``
@@ -7,12 +7,13 @@ Every operator records a JSON-able plan (``{"op": <operator>, ...}``) in ``model
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
-__all__ = ["OPERATORS", "apply_plan"]
+__all__ = ["OPERATORS", "apply_plan", "record_op"]
 
 #: Operator names a plan's ``"op"`` may hold.
 OPERATORS: tuple[str, ...] = ("prune_experts", "slim_width")
@@ -52,3 +53,28 @@ def apply_plan(
 
         return apply_prune_plan(model, PrunePlan.from_dict(plan))
     raise ValueError(f"unknown operator {op!r} in plan; valid operators: {list(OPERATORS)}")
+
+
+def record_op(
+    source: nn.Module, out: nn.Module, plan: dict[str, Any], report: dict[str, Any]
+) -> None:
+    """Attach the operator bookkeeping to an operator's output model.
+
+    ``out.applied_ops`` becomes the source's ops plus ``plan``; ``out.model_spec`` is copied
+    from the source; ``out.op_report`` is ``report`` and ``out.op_reports`` lists the reports
+    of every op applied in this process (earlier ones first).
+
+    Args:
+        source: The model the operator was applied to.
+        out: The operator's result (may be ``source`` itself when in place).
+        plan: The JSON-able plan of the operator.
+        report: The JSON-able report of what it kept.
+    """
+    ops = [copy.deepcopy(p) for p in getattr(source, "applied_ops", [])]
+    reports = list(getattr(source, "op_reports", []))
+    spec = getattr(source, "model_spec", None)
+    setattr(out, "applied_ops", [*ops, copy.deepcopy(plan)])  # noqa: B010
+    setattr(out, "op_report", report)  # noqa: B010
+    setattr(out, "op_reports", [*reports, report])  # noqa: B010
+    if spec is not None:
+        setattr(out, "model_spec", copy.deepcopy(spec))  # noqa: B010

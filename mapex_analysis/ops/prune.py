@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from mapex_analysis.modalities import ModalityError
-from mapex_analysis.ops.slim import record_op
+from mapex_analysis.ops.plan import record_op
 
 __all__ = [
     "PRUNE_STRATEGIES",
@@ -93,9 +93,7 @@ def _check_modalities(model: nn.Module, modalities: Sequence[str] | str) -> tupl
         modalities = [modalities]
     wanted = list(modalities)
     if not wanted:
-        raise ModalityError(
-            f"empty modality list; prune to a non-empty subset of {', '.join(own)}"
-        )
+        raise ModalityError(f"empty modality list; prune to a non-empty subset of {', '.join(own)}")
     bad = [m for m in wanted if m not in own]
     if bad:
         raise ModalityError(
@@ -219,6 +217,7 @@ def calibration_counts(
     layers = _check_moe(model)
     index = {int(name.split(".")[1]): name for name in layers}
     totals = {name: torch.zeros(moe.num_experts, dtype=torch.long) for name, moe in layers.items()}
+    encoder: Any = model  # the token-model contract (forward_features with routing)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -232,7 +231,7 @@ def calibration_counts(
                         f"calibration batch has none of the kept modalities {list(modalities)}; "
                         f"it holds {sorted(batch)}"
                     )
-                _, info = model.forward_features(x, return_routing=True)
+                _, info = encoder.forward_features(x, return_routing=True)
                 for i, stats in enumerate(info.stats):
                     if i not in index or stats is None:
                         continue
@@ -328,9 +327,9 @@ def apply_prune_plan(
             raise ValueError(
                 f"{name}: kept experts {kept} must be distinct indices in [0, {n}); bad: {bad}"
             )
-    out = copy.deepcopy(model)
+    out: Any = copy.deepcopy(model)  # a token model: patch_embed / modality_embed dicts
     params_before = _n_params(model)
-    dropped = [m for m in model.modalities if m not in mods]
+    dropped = [m for m in getattr(model, "modalities", ()) if m not in mods]
     for m in dropped:
         del out.patch_embed[m]
         del out.modality_embed[m]

@@ -34,6 +34,8 @@ import torch
 from timm.layers import Attention, Mlp
 from torch import Tensor, nn
 
+from mapex_analysis.ops.plan import record_op
+
 __all__ = [
     "SLIM_MODES",
     "SLIM_ORDERS",
@@ -42,7 +44,6 @@ __all__ = [
     "SlimOrder",
     "SlimPlan",
     "kept_width",
-    "record_op",
     "slim_width",
 ]
 
@@ -332,31 +333,6 @@ def _targets(
 
 def _n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def record_op(
-    source: nn.Module, out: nn.Module, plan: dict[str, Any], report: dict[str, Any]
-) -> None:
-    """Attach the operator bookkeeping to an operator's output model.
-
-    ``out.applied_ops`` becomes the source's ops plus ``plan``; ``out.model_spec`` is copied
-    from the source; ``out.op_report`` is ``report`` and ``out.op_reports`` lists the reports
-    of every op applied in this process (earlier ones first).
-
-    Args:
-        source: The model the operator was applied to.
-        out: The operator's result (may be ``source`` itself when in place).
-        plan: The JSON-able plan of the operator.
-        report: The JSON-able report of what it kept.
-    """
-    ops = [copy.deepcopy(p) for p in getattr(source, "applied_ops", [])]
-    reports = list(getattr(source, "op_reports", []))
-    spec = getattr(source, "model_spec", None)
-    setattr(out, "applied_ops", [*ops, copy.deepcopy(plan)])  # noqa: B010
-    setattr(out, "op_report", report)  # noqa: B010
-    setattr(out, "op_reports", [*reports, report])  # noqa: B010
-    if spec is not None:
-        setattr(out, "model_spec", copy.deepcopy(spec))  # noqa: B010
 
 
 def apply_slim_plan(

@@ -7,7 +7,7 @@ Grid (per model label, with ``A`` the model's modalities and ``P`` each prune se
   supervised models this is their per-modality row of the seed-style tables);
 * ``prune[P]`` fed ``P`` (MAPEX models only);
 * ``slim[s,mode,order]`` fed ``A`` (and fed ``P`` with ``slim.modality_sets``);
-* ``prune[P]+slim[s,mode,order]`` fed ``P`` (prune-then-slim, ``slim.on: [pruned]``).
+* ``prune[P]+slim[s,mode,order]`` fed ``P`` (prune-then-slim, ``slim.apply_to: [pruned]``).
 
 Each (model, variant, modalities) has one *cost* cell (MACs per sample, parameters, latency) and
 one *eval* cell per (task, seed) (probes, redundancy, specialisation, attribution). A finished
@@ -226,11 +226,11 @@ def _variants(study: Study, role: str, mods: tuple[str, ...]) -> list[tuple[Vari
         for mode in slim.modes:
             for order in slim.orders:
                 for w in widths:
-                    if "base" in slim.on:
+                    if "base" in slim.apply_to:
                         out.append((Variant(width=w, mode=mode, order=order), mods))
                         if slim.modality_sets:
                             out += [(Variant(width=w, mode=mode, order=order), s) for s in sets]
-                    if "pruned" in slim.on and role == "mapex":
+                    if "pruned" in slim.apply_to and role == "mapex":
                         out += [
                             (Variant(prune=s, width=w, mode=mode, order=order), s) for s in sets
                         ]

@@ -16,7 +16,7 @@ Example::
     tasks: [landcover]
     operators:
       prune: {sets: [each, [rgb, sar]]}
-      slim: {widths: [0.25, 0.5, 1.0], on: [base, pruned]}
+      slim: {widths: [0.25, 0.5, 1.0], apply_to: [base, pruned]}
     protocols: [knn, linear]
 """
 
@@ -278,7 +278,7 @@ class SlimConfig(_Strict):
         widths: Width factors in (0, 1], or ``paper`` for the 31-width grid.
         modes: Sub-layers slimmed: ``attn+mlp``, ``attn``, ``mlp``.
         orders: Which dims are kept: ``first`` (paper), ``last``, ``random``, ``magnitude``.
-        on: What is slimmed: ``base`` (the full model, all its modalities) and/or ``pruned``
+        apply_to: What is slimmed: ``base`` (the full model, all its modalities) and/or ``pruned``
             (every pruned variant: prune-then-slim).
         modality_sets: Also slim the full model fed each of the prune sets (so a task with
             only those modalities can compare both operators on the same input).
@@ -288,7 +288,7 @@ class SlimConfig(_Strict):
     widths: Literal["paper"] | list[float] = "paper"
     modes: list[SlimMode] = Field(default_factory=lambda: ["attn+mlp"], min_length=1)
     orders: list[SlimOrder] = Field(default_factory=lambda: ["first"], min_length=1)
-    on: list[SlimTarget] = Field(default_factory=lambda: ["base"], min_length=1)
+    apply_to: list[SlimTarget] = Field(default_factory=lambda: ["base"], min_length=1)
     modality_sets: bool = False
     seed: int = 0
 

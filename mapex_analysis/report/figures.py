@@ -1,0 +1,309 @@
+"""Derived views of a results table: retention, relative MACs, Pareto fronts, plotly figures.
+
+Everything here reads the tidy results table (:mod:`mapex_analysis.study.results`) and
+computes nothing that needs a model. Definitions:
+
+* **retention** of a variant = its probe metric / the metric of the same model's ``base``
+  variant fed the **same modalities** (same task, protocol, seed), as in the slimmability
+  paper (metric(s) / metric(1.0));
+* **relative MACs** = MACs per sample of the variant / MACs per sample of the same model's
+  ``base`` variant fed **all** its modalities (the full model's cost).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+__all__ = [
+    "PRIMARY_METRIC",
+    "attribution_figure",
+    "latency_figure",
+    "pareto_front",
+    "pareto_figure",
+    "probe_summary",
+    "redundancy_figure",
+    "retention_figure",
+    "specialization_figures",
+]
+
+#: The headline metric of each probe protocol row set, by task kind (as the probes name it).
+PRIMARY_METRIC = ("accuracy", "map", "miou")
+
+_KEY = ["model", "role", "router", "variant", "operator", "prune", "width", "mode", "order",
+        "modalities", "task", "protocol", "metric"]  # fmt: skip
+
+
+def _primary(df: pd.DataFrame) -> pd.DataFrame:
+    probes = df[df["protocol"].isin(["knn", "linear", "finetune"])]
+    keep = []
+    for _, g in probes.groupby(["task", "protocol"], sort=False):
+        for m in PRIMARY_METRIC:
+            if (g["metric"] == m).any():
+                keep.append(g[g["metric"] == m])
+                break
+        else:
+            keep.append(g[g["metric"] == sorted(g["metric"].unique())[0]])
+    return pd.concat(keep) if keep else probes.iloc[0:0]
+
+
+def probe_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Per variant, task and protocol: mean / std over seeds of the headline metric, with
+    retention, MACs and relative MACs.
+
+    Args:
+        df: The results table.
+
+    Returns:
+        One row per (model, variant, modalities, task, protocol) with ``value`` (mean),
+        ``std``, ``n_seeds``, ``retention``, ``macs``, ``rel_macs``, ``params``.
+    """
+    p = _primary(df)
+    if p.empty:
+        return pd.DataFrame(columns=[*_KEY, "value", "std", "n_seeds", "retention", "macs",
+                                     "rel_macs", "params"])  # fmt: skip
+    # Retention per seed against the base variant fed the same modalities.
+    ref = p[p["variant"] == "base"][["model", "modalities", "task", "protocol", "metric", "seed",
+                                     "value"]].rename(columns={"value": "ref"})  # fmt: skip
+    p = p.merge(ref, on=["model", "modalities", "task", "protocol", "metric", "seed"], how="left")
+    p["retention"] = p["value"] / p["ref"]
+    agg = (
+        p.groupby(_KEY, dropna=False, sort=False)
+        .agg(value=("value", "mean"), std=("value", "std"), n_seeds=("seed", "nunique"),
+             retention=("retention", "mean"))  # fmt: skip
+        .reset_index()
+    )
+    cost = df[df["protocol"] == "cost"]
+    macs = cost[cost["metric"] == "macs"][["model", "variant", "modalities", "value"]]
+    macs = macs.rename(columns={"value": "macs"})
+    agg = agg.merge(macs, on=["model", "variant", "modalities"], how="left")
+    full = _full_macs(df)
+    agg["rel_macs"] = agg["macs"] / agg["model"].map(full)
+    params = cost[cost["metric"] == "params_total"][["model", "variant", "modalities", "value"]]
+    agg = agg.merge(params.rename(columns={"value": "params"}),
+                    on=["model", "variant", "modalities"], how="left")  # fmt: skip
+    return agg
+
+
+def _full_macs(df: pd.DataFrame) -> dict[str, float]:
+    """MACs of each model's base variant fed all its modalities (the most modalities)."""
+    cost = df[(df["protocol"] == "cost") & (df["metric"] == "macs") & (df["variant"] == "base")]
+    out = {}
+    for model, g in cost.groupby("model"):
+        n = g["modalities"].str.count(r"\+")
+        out[str(model)] = float(g.loc[n.idxmax(), "value"])
+    return out
+
+
+def pareto_front(points: pd.DataFrame, x: str = "rel_macs", y: str = "retention") -> pd.DataFrame:
+    """The Pareto-optimal points: no other point has lower-or-equal ``x`` and higher ``y``.
+
+    Args:
+        points: Rows with columns ``x`` and ``y``.
+        x: Cost column (lower is better).
+        y: Quality column (higher is better).
+
+    Returns:
+        The front, sorted by ``x`` ascending (``y`` strictly increasing along it).
+    """
+    pts = points.dropna(subset=[x, y]).sort_values([x, y], ascending=[True, False])
+    best = -np.inf
+    keep = []
+    for idx, row in pts.iterrows():
+        if row[y] > best:
+            keep.append(idx)
+            best = row[y]
+    return pts.loc[keep]
+
+
+def _layout(fig: go.Figure, title: str, xtitle: str, ytitle: str, logx: bool = False) -> None:
+    fig.update_layout(title=title, template="plotly_white", height=420,
+                      margin=dict(l=60, r=20, t=50, b=50), legend=dict(font=dict(size=10)))  # fmt: skip
+    fig.update_xaxes(title=xtitle, type="log" if logx else "linear")
+    fig.update_yaxes(title=ytitle)
+
+
+def _family(row: pd.Series) -> str:
+    if row["operator"] == "prune+slim":
+        return f"prune[{row['prune']}]+slim"
+    if row["operator"] == "slim":
+        return f"slim @{row['modalities']}"
+    if row["operator"] == "prune":
+        return "prune"
+    return "full model"
+
+
+def retention_figure(summary: pd.DataFrame, task: str, protocol: str) -> go.Figure:
+    """Retention vs relative MACs for pruning, slimming and their composition.
+
+    Args:
+        summary: From :func:`probe_summary`.
+        task: Task shown.
+        protocol: Probe protocol shown.
+
+    Returns:
+        The figure (one trace per model and operator family; slimming curves ordered by width).
+    """
+    s = summary[(summary["task"] == task) & (summary["protocol"] == protocol)].copy()
+    fig = go.Figure()
+    if not s.empty:
+        s["family"] = s.apply(_family, axis=1)
+        for (model, fam), g in s.groupby(["model", "family"], sort=True):
+            g = g.sort_values("rel_macs")
+            fig.add_trace(go.Scatter(
+                x=g["rel_macs"], y=g["retention"], name=f"{model}: {fam}",
+                mode="lines+markers" if "slim" in fam else "markers",
+                text=g["variant"] + " @" + g["modalities"],
+                hovertemplate="%{text}<br>rel. MACs %{x:.4f}<br>retention %{y:.3f}<extra></extra>",
+            ))  # fmt: skip
+    _layout(fig, f"Retention vs relative MACs: {task}, {protocol} probe",
+            "MACs / MACs of the full model (log)", "retention (same inputs)", logx=True)  # fmt: skip
+    return fig
+
+
+def pareto_figure(summary: pd.DataFrame, task: str, protocol: str) -> go.Figure:
+    """All variants of all models with the Pareto front (absolute metric vs relative MACs).
+
+    Args:
+        summary: From :func:`probe_summary`.
+        task: Task shown.
+        protocol: Probe protocol shown.
+
+    Returns:
+        The figure: points per operator and the front as a line.
+    """
+    s = summary[(summary["task"] == task) & (summary["protocol"] == protocol)]
+    s = s.dropna(subset=["rel_macs"])
+    fig = go.Figure()
+    for op, g in s.groupby("operator", sort=True):
+        fig.add_trace(go.Scatter(
+            x=g["rel_macs"], y=g["value"], mode="markers", name=f"operator: {op}",
+            text=g["model"] + " " + g["variant"] + " @" + g["modalities"],
+            hovertemplate="%{text}<br>rel. MACs %{x:.4f}<br>metric %{y:.3f}<extra></extra>",
+        ))  # fmt: skip
+    front = pareto_front(s, "rel_macs", "value")
+    fig.add_trace(go.Scatter(x=front["rel_macs"], y=front["value"], mode="lines",
+                             name="Pareto front", line=dict(color="black", dash="dash")))  # fmt: skip
+    metric = s["metric"].iloc[0] if not s.empty else "metric"
+    _layout(fig, f"Pareto front across operators: {task}, {protocol} probe",
+            "MACs / MACs of the full model (log)", metric, logx=True)  # fmt: skip
+    return fig
+
+
+def latency_figure(df: pd.DataFrame) -> go.Figure:
+    """Median latency vs MACs per sample, one trace per model and batch size.
+
+    Args:
+        df: The results table.
+
+    Returns:
+        The figure (empty when no latency was measured).
+    """
+    cost = df[df["protocol"] == "cost"]
+    lat = cost[cost["metric"] == "latency_median"]
+    macs = cost[cost["metric"] == "macs"][["model", "variant", "modalities", "value"]]
+    m = lat.merge(macs.rename(columns={"value": "macs"}), on=["model", "variant", "modalities"])
+    fig = go.Figure()
+    for (model, bs), g in m.groupby(["model", "batch_size"], sort=True):
+        fig.add_trace(go.Scatter(
+            x=g["macs"], y=g["value"], mode="markers", name=f"{model}, batch {bs}",
+            text=g["variant"] + " @" + g["modalities"],
+            hovertemplate="%{text}<br>%{x:.3s} MACs/sample<br>%{y:.2f} ms<extra></extra>",
+        ))  # fmt: skip
+    _layout(fig, "Latency vs MACs (median of repeats, per batch)", "MACs per sample (log)",
+            "median latency per batch (ms)", logx=True)  # fmt: skip
+    return fig
+
+
+def specialization_figures(df: pd.DataFrame) -> list[tuple[str, go.Figure]]:
+    """Routing-frequency heatmaps ``p(expert | modality)`` per MoE model (base variant, all
+    modalities, first task and seed), layers side by side.
+
+    Args:
+        df: The results table.
+
+    Returns:
+        ``(model label, figure)`` pairs.
+    """
+    r = df[(df["protocol"] == "routing") & (df["metric"] == "routing_frequency")
+           & (df["variant"] == "base")]  # fmt: skip
+    out = []
+    for model, g in r.groupby("model", sort=True):
+        g = g[g["modalities"] == g.loc[g["modalities"].str.count(r"\+").idxmax(), "modalities"]]
+        g = g[(g["task"] == g["task"].iloc[0]) & (g["seed"] == g["seed"].iloc[0])]
+        layers = sorted(g["layer"].unique())
+        fig = make_subplots(rows=1, cols=len(layers), subplot_titles=[f"layer {i}" for i in layers],
+                            shared_yaxes=True, horizontal_spacing=0.02)  # fmt: skip
+        mods = list(dict.fromkeys(g["subject"]))
+        for j, layer in enumerate(layers):
+            gl = g[g["layer"] == layer]
+            piv = gl.pivot_table(index="subject", columns="expert", values="value").reindex(mods)
+            groups = gl.drop_duplicates("expert").set_index("expert")["expert_group"]
+            xs = [f"e{e}:{groups.get(e, '')}" for e in piv.columns]
+            fig.add_trace(go.Heatmap(z=piv.values, x=xs, y=mods, zmin=0, zmax=1,
+                                     colorscale="Viridis", showscale=j == len(layers) - 1,
+                                     colorbar=dict(title="p(e|m)")), row=1, col=j + 1)  # fmt: skip
+        fig.update_layout(title=f"Expert specialisation of {model}: p(expert | modality), "
+                          f"task {g['task'].iloc[0]}", template="plotly_white", height=380,
+                          margin=dict(l=80, r=20, t=70, b=80))  # fmt: skip
+        out.append((str(model), fig))
+    return out
+
+
+_RED = (("effective_dimensionality", "effective dimensionality"),
+        ("mean_abs_correlation", "mean |correlation|"),
+        ("spectrum_slope", "explained-variance slope (log-log)"))  # fmt: skip
+
+
+def redundancy_figure(df: pd.DataFrame) -> go.Figure:
+    """Redundancy measures vs width for the slimmed full models (first task, mean over seeds).
+
+    Args:
+        df: The results table.
+
+    Returns:
+        A figure with one panel per measure.
+    """
+    r = df[(df["protocol"] == "features") & df["operator"].isin(["none", "slim"])]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in _RED])
+    if not r.empty:
+        task = r["task"].iloc[0]
+        r = r[r["task"] == task]
+        for model, g in r.groupby("model", sort=True):
+            full = g.loc[g["modalities"].str.count(r"\+").idxmax(), "modalities"]
+            g = g[g["modalities"] == full]
+            for j, (metric, _) in enumerate(_RED):
+                gm = g[g["metric"] == metric].groupby("width")["value"].mean().sort_index()
+                fig.add_trace(go.Scatter(x=gm.index, y=gm.values, mode="lines+markers",
+                                         name=str(model), legendgroup=str(model),
+                                         showlegend=j == 0), row=1, col=j + 1)  # fmt: skip
+        fig.update_xaxes(type="log", title="width s (log)")
+        fig.update_layout(title=f"Feature redundancy vs width (task {task}, test features)")
+    fig.update_layout(template="plotly_white", height=380, margin=dict(l=50, r=20, t=70, b=50))
+    return fig
+
+
+def attribution_figure(df: pd.DataFrame) -> go.Figure:
+    """Modality attribution: drop of the linear probe's true-class probability when one
+    modality is replaced by its mean (captum feature ablation), per model and task.
+
+    Args:
+        df: The results table.
+
+    Returns:
+        A grouped bar chart.
+    """
+    a = df[df["protocol"] == "attribution"]
+    fig = go.Figure()
+    g: Any
+    for (model, task), g in a.groupby(["model", "task"], sort=True):
+        m = g.groupby("subject", sort=False)["value"].mean()
+        fig.add_trace(go.Bar(x=list(m.index), y=m.values, name=f"{model}, {task}"))
+    _layout(fig, "Modality attribution (feature ablation of the linear probe)", "modality",
+            "mean drop of true-class probability")  # fmt: skip
+    fig.update_layout(barmode="group")
+    return fig

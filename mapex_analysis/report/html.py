@@ -1,0 +1,298 @@
+"""The self-contained HTML study report (plotly inlined once, works offline).
+
+:func:`render_report` reads ``<study_dir>/cells`` (the results table), ``config.resolved.yaml``
+and ``environment.json``; it runs no model. Table cells carry their exact value in a
+``data-value`` attribute (the text shows it rounded) so tests can compare the page with the
+table. Every figure sets ``data-drawn="1"`` on its container once ``Plotly.newPlot`` resolves
+and JavaScript errors are collected into ``#js-errors``, so a headless browser can check both.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
+import plotly.offline
+import yaml
+
+from mapex_analysis.modalities import DEFAULT_MODALITIES
+from mapex_analysis.report.figures import (
+    attribution_figure,
+    latency_figure,
+    pareto_figure,
+    probe_summary,
+    redundancy_figure,
+    retention_figure,
+    specialization_figures,
+)
+from mapex_analysis.study.results import read_results
+
+__all__ = ["latest_study_dir", "modality_findings", "render_report"]
+
+logger = logging.getLogger(__name__)
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:8px 0 20px;font-size:13px}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f2f2f2} td.l,th.l{text-align:left}
+.fig{min-height:380px;margin-bottom:16px} .note{color:#555;font-size:13px}
+pre{background:#f7f7f7;padding:8px;font-size:12px;overflow:auto;max-height:300px}
+"""
+
+_JS_ERRORS = """
+window.__errors = [];
+window.onerror = function(msg, src, line){ window.__errors.push(String(msg) + ' @' + line);
+  var el = document.getElementById('js-errors'); if (el) { el.textContent = window.__errors.join('\\n'); } };
+window.addEventListener('unhandledrejection', function(e){ window.onerror(String(e.reason), '', 0); });
+"""
+
+
+def _fmt(v: float, unit: str = "fraction") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if unit == "fraction":
+        return f"{100 * v:.1f}"
+    if unit in ("MACs", "parameters"):
+        return f"{v:,.0f}"
+    return f"{v:.3g}"
+
+
+def _td(v: float, query: dict[str, Any], unit: str = "fraction") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "<td>-</td>"
+    q = html.escape(json.dumps(query, sort_keys=True))
+    return f'<td data-value="{v!r}" data-unit="{unit}" data-query="{q}">{_fmt(v, unit)}</td>'
+
+
+def _primary_task(df: pd.DataFrame) -> str:
+    tasks = list(dict.fromkeys(df["task"][df["task"] != ""]))
+    return "landcover" if "landcover" in tasks else (tasks[0] if tasks else "")
+
+
+def _mean(df: pd.DataFrame, **eq: Any) -> float:
+    m = df
+    for k, v in eq.items():
+        m = m[m[k] == v]
+    return float(m["value"].mean()) if len(m) else float("nan")
+
+
+def _seed_table(df: pd.DataFrame, summary: pd.DataFrame, task: str) -> str:
+    """Per-modality table: rows (model, protocol), columns modalities + all."""
+    s = summary[summary["task"] == task]
+    if s.empty:
+        return "<p class='note'>No probe results.</p>"
+    probes = df[df["task"] == task]
+    cols = [m for m in DEFAULT_MODALITIES if (s["modalities"] == m).any()]
+    head = "".join(f"<th>{m}</th>" for m in cols) + "<th>all</th><th>params (full)</th>"
+    rows = []
+    for (model, protocol), g in s.groupby(["model", "protocol"], sort=False):
+        role = g["role"].iloc[0]
+        metric = g["metric"].iloc[0]
+        cells = []
+        for m in cols:
+            variant = f"prune[{m}]" if role == "mapex" and (g["variant"] == f"prune[{m}]").any() \
+                else "base"  # fmt: skip
+            q = dict(model=model, variant=variant, modalities=m, task=task, protocol=protocol,
+                     metric=metric)  # fmt: skip
+            cells.append(_td(_mean(probes, **q), q))
+        full = g[g["variant"] == "base"]
+        all_mods = full.loc[full["modalities"].str.count(r"\+").idxmax(), "modalities"]
+        q = dict(model=model, variant="base", modalities=all_mods, task=task, protocol=protocol,
+                 metric=metric)  # fmt: skip
+        cells.append(_td(_mean(probes, **q), q))
+        pq = dict(model=model, variant="base", modalities=all_mods, protocol="cost",
+                  metric="params_total")  # fmt: skip
+        cells.append(_td(_mean(df, **pq), pq, "parameters"))
+        label = f"{model} ({role}{', router ' + g['router'].iloc[0] if g['router'].iloc[0] else ''})"
+        rows.append(f"<tr><td class='l'>{html.escape(label)}</td><td class='l'>{protocol} "
+                    f"{metric}</td>{''.join(cells)}</tr>")  # fmt: skip
+    return (f"<table><tr><th class='l'>model</th><th class='l'>protocol</th>{head}</tr>"
+            + "".join(rows) + "</table>")  # fmt: skip
+
+
+def _router_table(df: pd.DataFrame, summary: pd.DataFrame, task: str) -> str:
+    s = summary[(summary["task"] == task) & (summary["router"] != "")]
+    if s.empty or s["router"].nunique() < 2:
+        return "<p class='note'>No router ablation in this study (fewer than two router kinds).</p>"
+    routers = list(dict.fromkeys(s["router"]))
+    out = []
+    for protocol, gp in s.groupby("protocol", sort=False):
+        metric = gp["metric"].iloc[0]
+        mods = [m for m in DEFAULT_MODALITIES if (gp["modalities"] == m).any()]
+        rows = []
+        for m in mods:
+            cells = []
+            for r in routers:
+                gr = gp[(gp["router"] == r) & (gp["modalities"] == m)]
+                variant = f"prune[{m}]" if (gr["variant"] == f"prune[{m}]").any() else "base"
+                model = gr["model"].iloc[0] if len(gr) else ""
+                q = dict(model=model, variant=variant, modalities=m, task=task,
+                         protocol=protocol, metric=metric)  # fmt: skip
+                cells.append(_td(_mean(df, **q), q))
+            rows.append(f"<tr><td class='l'>{m}</td>{''.join(cells)}</tr>")
+        head = "".join(f"<th>{r}</th>" for r in routers)
+        out.append(f"<h4>{protocol} ({metric}, %)</h4><table><tr><th class='l'>modality</th>"
+                   f"{head}</tr>{''.join(rows)}</table>")  # fmt: skip
+    return "".join(out)
+
+
+def modality_findings(summary: pd.DataFrame, target: float) -> list[str]:
+    """One sentence per (task, protocol, model, single modality): which operator reaches
+    ``target`` retention at the lowest MACs, computed from the table.
+
+    Args:
+        summary: From :func:`~mapex_analysis.report.figures.probe_summary`.
+        target: Retention threshold, e.g. 0.95.
+
+    Returns:
+        Sentences (plain text).
+    """
+    out = []
+    s = summary.dropna(subset=["macs"])
+    singles = s[~s["modalities"].str.contains(r"\+")]
+    for (task, protocol, model, mod), g in singles.groupby(
+        ["task", "protocol", "model", "modalities"], sort=True
+    ):
+        ok = g[g["retention"] >= target].sort_values(["macs", "retention"],
+                                                     ascending=[True, False])  # fmt: skip
+        base = g[g["variant"] == "base"]
+        if ok.empty:
+            out.append(f"{task}, {protocol}, {model} on {mod}: no variant reaches "
+                       f"{target:.0%} retention.")  # fmt: skip
+            continue
+        best = ok.iloc[0]
+        saving = ""
+        if len(base) and base["macs"].iloc[0] > 0:
+            saving = f" ({best['macs'] / base['macs'].iloc[0]:.1%} of the unmodified model's MACs on {mod})"
+        op = best["operator"] if best["operator"] != "none" else "no operator (the full model)"
+        out.append(
+            f"{task}, {protocol}, {model} on {mod}: {op} reaches {target:.0%} retention at the "
+            f"lowest MACs, variant {best['variant']} with {best['macs']:,.0f} MACs/sample"
+            f"{saving}, retention {best['retention']:.3f}, relative to the full model "
+            f"{best['rel_macs']:.1%} of its MACs."
+        )
+    return out
+
+
+def _figure_div(fig: go.Figure, idx: int) -> str:
+    spec = pio.to_json(fig, validate=False)
+    return (
+        f'<div id="fig{idx}" class="fig" data-figure="1"></div>\n<script>(function(){{'
+        f"var s={spec};var el=document.getElementById('fig{idx}');"
+        "Plotly.newPlot(el,s.data,s.layout,{responsive:true,displaylogo:false})"
+        ".then(function(){el.setAttribute('data-drawn','1');})"
+        ".catch(function(e){window.onerror('plot fig" + str(idx) + ": '+e,'',0);});"
+        "})();</script>"
+    )
+
+
+def latest_study_dir(root: str | Path = "reports") -> Path:
+    """The most recently modified study folder under ``root`` (one holding ``cells/``).
+
+    Args:
+        root: Parent folder of study outputs.
+
+    Returns:
+        The folder.
+
+    Raises:
+        FileNotFoundError: if ``root`` holds no study results.
+    """
+    cands = [p for p in Path(root).glob("*/cells") if p.is_dir()]
+    if not cands:
+        raise FileNotFoundError(f"no study results under {str(root)!r}; run `mapex-study run` first")
+    return max(cands, key=lambda p: p.stat().st_mtime).parent
+
+
+def render_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Render ``<study_dir>/report.html`` from the results table.
+
+    Args:
+        study_dir: The study's output folder.
+        out: Output file; default ``<study_dir>/report.html``.
+
+    Returns:
+        The written file.
+
+    Raises:
+        FileNotFoundError: if the folder holds no results.
+    """
+    folder = Path(study_dir)
+    df = read_results(folder)
+    if df.empty:
+        raise FileNotFoundError(f"{folder} holds no finished cells; run the study first")
+    cfg_path, env_path = folder / "config.resolved.yaml", folder / "environment.json"
+    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+    env = json.loads(env_path.read_text()) if env_path.is_file() else {}
+    target = float(cfg.get("retention_target", 0.95))
+    summary = probe_summary(df)
+    task = _primary_task(df)
+    protocols = list(dict.fromkeys(summary["protocol"])) if not summary.empty else []
+    figs: list[tuple[str, go.Figure]] = []
+    for t in dict.fromkeys(summary["task"]):
+        for p in protocols:
+            figs.append((f"Retention vs relative MACs: {t}, {p}", retention_figure(summary, t, p)))
+    for t in dict.fromkeys(summary["task"]):
+        if protocols:
+            figs.append((f"Pareto front: {t}, {protocols[0]}",
+                         pareto_figure(summary, t, protocols[0])))  # fmt: skip
+    if (df["metric"] == "latency_median").any():
+        figs.append(("Latency vs MACs", latency_figure(df)))
+    figs += [(f"Specialisation: {m}", f) for m, f in specialization_figures(df)]
+    if (df["protocol"] == "features").any():
+        figs.append(("Redundancy", redundancy_figure(df)))
+    if (df["protocol"] == "attribution").any():
+        figs.append(("Attribution", attribution_figure(df)))
+
+    findings = modality_findings(summary, target)
+    name = html.escape(str(cfg.get("name", folder.name)))
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>mapex-analysis study {name}</title><style>{_CSS}</style>",
+        f"<script>{_JS_ERRORS}</script>",
+        f"<script>{plotly.offline.get_plotlyjs()}</script></head><body>",
+        f"<h1>Study <code>{name}</code></h1>",
+        f"<p>{html.escape(str(cfg.get('description', '')))}</p>",
+        f"<p class='note'>{len(df):,} result rows, {df['cell'].nunique()} cells, models "
+        f"{', '.join(sorted(df['model'].unique()))}, tasks "
+        f"{', '.join(sorted(t for t in df['task'].unique() if t))}. Retention = metric of a "
+        "variant / metric of the same model fed the same modalities without operators; "
+        "relative MACs = MACs per sample / MACs of the full model on all its modalities. "
+        "Accuracies in %.</p>",
+        "<pre id='js-errors'></pre>",
+        f"<h2>Which operator reaches {target:.0%} retention at the lowest MACs</h2><ul>",
+        *[f"<li>{html.escape(s)}</li>" for s in findings],
+        "</ul>",
+        f"<h2>Per-modality results ({html.escape(task)})</h2>",
+        "<p class='note'>MAPEX rows: pruned to the modality; dense and supervised rows: the "
+        "model fed only that modality.</p>",
+        _seed_table(df, summary, task),
+        f"<h2>Router ablation ({html.escape(task)})</h2>",
+        _router_table(df, summary, task),
+        "<h2>Figures</h2>",
+    ]
+    for i, (title, fig) in enumerate(figs):
+        parts.append(f"<h3>{html.escape(title)}</h3>")
+        parts.append(_figure_div(fig, i))
+    parts += [
+        "<h2>Run metadata</h2><h3>Environment</h3>",
+        f"<pre>{html.escape(json.dumps(env, indent=2, sort_keys=True))}</pre>",
+        "<h3>Resolved config</h3>",
+        f"<pre>{html.escape(yaml.safe_dump(cfg, sort_keys=False))}</pre>",
+        "</body></html>",
+    ]
+    path = Path(out) if out is not None else folder / "report.html"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(parts), encoding="utf-8")
+    os.replace(tmp, path)
+    logger.info("report with %d figures -> %s", len(figs), path)
+    return path
