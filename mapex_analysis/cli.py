@@ -153,8 +153,96 @@ def pretrain_cmd(
         )
 
 
+@main.command("validate")
+@click.argument("study", type=click.Path(dir_okay=False))
+def validate(study: str) -> None:
+    """Validate a STUDY YAML file (errors name the YAML path and the allowed values)."""
+    from mapex_analysis.study.schema import StudyError, load_study
+
+    try:
+        cfg = load_study(study)
+    except StudyError as err:
+        _fail(err)
+        return
+    console.print(f"{study}: valid study [bold]{cfg.name}[/] -> {cfg.study_dir}")
+
+
+@main.command("run")
+@click.argument("study", type=click.Path(dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="List the grid and its size; run nothing.")
+@click.option("--fresh", is_flag=True, help="Discard finished cells and cached features first.")
+def run(study: str, dry_run: bool, fresh: bool) -> None:
+    """Run a STUDY (resumable: finished cells are skipped), writing reports/<study>/."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from mapex_analysis.study.runner import iter_pending, plan_grid, run_study
+    from mapex_analysis.study.schema import StudyError, load_study
+
+    try:
+        cfg = load_study(study)
+    except StudyError as err:
+        _fail(err)
+        return
+    if dry_run:
+        cells = plan_grid(cfg)
+        rows = [
+            {"cell": cid, "status": "done" if done else "todo", "work": cell.describe()}
+            for cell, cid, done in iter_pending(cfg, cells)
+        ]
+        console.print(_table(rows, f"Grid of study {cfg.name}"))
+        n_done = sum(r["status"] == "done" for r in rows)
+        console.print(f"{len(rows)} cells ({n_done} finished, {len(rows) - n_done} to run)")
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        job = bar.add_task(f"study {cfg.name}", total=None)
+
+        def on_cell(done: int, total: int, cell: object, skipped: bool) -> None:
+            bar.update(job, completed=done, total=total,
+                       description=f"{'skip' if skipped else 'done'} {cell.describe()}"[:70])  # type: ignore[attr-defined]  # fmt: skip
+
+        summary = run_study(cfg, fresh=fresh, progress=on_cell)
+    console.print(
+        f"{summary.cells} cells: {summary.ran} run, {summary.skipped} already finished; "
+        f"{summary.rows:,} result rows in {summary.seconds:.1f} s -> {summary.study_dir}"
+    )
+
+
+@main.command("report")
+@click.argument("study_dir", required=False, type=click.Path(file_okay=False))
+def report(study_dir: str | None) -> None:
+    """Render STUDY_DIR/report.html (default: the most recent study under reports/)."""
+    from mapex_analysis.report import latest_study_dir, render_report
+
+    try:
+        folder = study_dir if study_dir is not None else latest_study_dir("reports")
+        path = render_report(folder)
+    except FileNotFoundError as err:
+        _fail(err)
+        return
+    console.print(f"report -> {path}")
+
+
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
+    from rich.markup import escape
+
+    console.print(
+        f"[bold red]error:[/] {escape(str(err))}", highlight=False, markup=True, soft_wrap=True
+    )
     sys.exit(2)
 
 

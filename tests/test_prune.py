@@ -176,6 +176,11 @@ def test_calibration_counts_count_the_kept_modalities_tokens(mapex: nn.Module) -
     counts = calibration_counts(mapex, calib, ["nir", "ele"])
     # 3 scenes x 2 modalities x 4 patches = 24 routed tokens, top-1 -> 24 per layer
     assert {k: int(v.sum()) for k, v in counts.items()} == {"blocks.0.mlp": 24, "blocks.1.mlp": 24}
+    # a single batch dict is one batch, not an iterable of its keys
+    single = calibration_counts(mapex, calib[0], ["nir", "ele"])
+    assert all(torch.equal(single[k], counts[k]) for k in counts)
+    with pytest.raises(ValueError, match=r"calibration batch is a modality dict .* got str"):
+        calibration_counts(mapex, ["sar"], ["sar"])
 
 
 def test_prune_then_slim_saves_reloads_and_matches(mapex: nn.Module, tmp_path: Path) -> None:

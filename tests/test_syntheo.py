@@ -231,7 +231,10 @@ def test_modality_complementarity(landcover_probe_data) -> None:
 
 def test_elevation_only_pair(landcover_probe_data) -> None:
     train, test = landcover_probe_data
-    pair = [LANDCOVER_CLASSES.index("lowland_grassland"), LANDCOVER_CLASSES.index("alpine_grassland")]
+    pair = [
+        LANDCOVER_CLASSES.index("lowland_grassland"),
+        LANDCOVER_CLASSES.index("alpine_grassland"),
+    ]
     tr = {k: v[np.isin(train["label"], pair)] for k, v in train.items()}
     te = {k: v[np.isin(test["label"], pair)] for k, v in test.items()}
     assert len(te["label"]) > 150  # ~2/9 of 1000 scenes
@@ -240,7 +243,9 @@ def test_elevation_only_pair(landcover_probe_data) -> None:
     assert _probe(tr, te, ["rgb"]) <= 65.0
 
 
-@pytest.mark.parametrize(("task", "strong", "margin"), [("flood", "sar", 5.0), ("wildfire", "swir", 8.0)])
+@pytest.mark.parametrize(
+    ("task", "strong", "margin"), [("flood", "sar", 5.0), ("wildfire", "swir", 8.0)]
+)
 def test_event_tasks_need_the_right_modality(task: str, strong: str, margin: float) -> None:
     train = SynthEO(task, "train", n=2000, cache=False).arrays()
     test = SynthEO(task, "test", n=1000, cache=False).arrays()

@@ -124,7 +124,7 @@ class ModalityTokenizer(nn.Module):
         for m in present:
             if m not in own:
                 raise ModalityError(f"unknown modality {m!r}; valid modalities: {', '.join(own)}")
-        batch = {x[m].shape[0] for m in present}
+        batch = {int(x[m].shape[0]) for m in present}  # int(): sizes are tensors under jit.trace
         if len(batch) > 1:
             raise ValueError(f"modalities have different batch sizes {sorted(batch)}")
         for m in present:

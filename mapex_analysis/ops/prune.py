@@ -193,7 +193,9 @@ class PrunePlan:
 
 
 def calibration_counts(
-    model: nn.Module, calibration: Iterable[Mapping[str, Tensor]], modalities: Sequence[str]
+    model: nn.Module,
+    calibration: Iterable[Mapping[str, Tensor]] | Mapping[str, Tensor],
+    modalities: Sequence[str],
 ) -> dict[str, Tensor]:
     """Routing assignments of the given modalities' tokens per MoE layer and routed expert.
 
@@ -203,7 +205,8 @@ def calibration_counts(
 
     Args:
         model: A MAPEX model.
-        calibration: Batches ``{modality: (B, C, H, W)}`` in physical units.
+        calibration: Batches ``{modality: (B, C, H, W)}`` in physical units (a single
+            batch dict is taken as one batch).
         modalities: The modalities whose tokens are counted.
 
     Returns:
@@ -211,9 +214,10 @@ def calibration_counts(
         routed expert, summed over the batches.
 
     Raises:
-        ValueError: if ``calibration`` yields no batch, or a batch has none of the
-            modalities.
+        ValueError: if ``calibration`` yields no batch, a batch that is not a modality dict,
+            or a batch with none of the modalities.
     """
+    batches: Iterable[Any] = [calibration] if isinstance(calibration, Mapping) else calibration
     layers = _check_moe(model)
     index = {int(name.split(".")[1]): name for name in layers}
     totals = {name: torch.zeros(moe.num_experts, dtype=torch.long) for name, moe in layers.items()}
@@ -224,7 +228,12 @@ def calibration_counts(
     n_batches = 0
     try:
         with torch.no_grad():
-            for batch in calibration:
+            for batch in batches:
+                if not isinstance(batch, Mapping):
+                    raise ValueError(
+                        "a calibration batch is a modality dict {modality: (B, C, H, W)}, "
+                        f"got {type(batch).__name__}"
+                    )
                 x = {m: v.to(device) for m, v in batch.items() if m in modalities}
                 if not x:
                     raise ValueError(
@@ -390,7 +399,7 @@ def prune_experts(
     modalities: Sequence[str] | str,
     *,
     strategy: str = "static",
-    calibration: Iterable[Mapping[str, Tensor]] | None = None,
+    calibration: Iterable[Mapping[str, Tensor]] | Mapping[str, Tensor] | None = None,
     coverage: float = 0.99,
 ) -> nn.Module:
     """Prune a MAPEX model to the experts a modality subset needs.
@@ -404,7 +413,7 @@ def prune_experts(
             carrying ``coverage`` of the modalities' routing assignments on ``calibration``
             (shared experts always stay).
         calibration: Iterable of modality batches ``{modality: (B, C, H, W)}`` (physical
-            units; other modalities and ``label`` are ignored). Required for ``routing``;
+            units; other modalities and ``label`` are ignored), or a single such batch. Required for ``routing``;
             with ``static`` it is optional and only used to report ``traffic_to_removed``.
         coverage: Share in (0, 1] of the routed assignments the ``routing`` strategy keeps.
 

@@ -3,7 +3,16 @@
 Importing this package registers every adapter with :mod:`mapex_analysis.models.registry`.
 """
 
-from mapex_analysis.models.adapters import dofa  # noqa: F401
+from mapex_analysis.models.adapters import (  # noqa: F401  (imports register the models)
+    copernicusfm,
+    croma,
+    dofa,
+    panopticon,
+    satmae,
+    scalemae,
+    ssl4eo,
+    timm_vit,
+)
 from mapex_analysis.models.adapters.base import (
     FILL_POLICIES,
     Adapter,

@@ -130,6 +130,8 @@ def torchgeo_band(name: str) -> str:
     """
     if name in BANDS:
         return name
+    if name.upper() in BANDS:  # torchgeo spells B8A as "B8a"
+        return name.upper()
     if name.startswith("B") and name[1:].isdigit():
         return get_band(f"B{int(name[1:]):02d}").name
     return get_band(name).name
