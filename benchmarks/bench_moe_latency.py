@@ -12,7 +12,7 @@ Both models are timed side by side in one process, in alternating rounds (so dri
 load hit both), at batch 64 on CPU. The script prints the ratio of medians and exits with
 status 1 if it exceeds the target (default 1.15)::
 
-    .venv/bin/python benchmarks/bench_moe_latency.py [--modality sar] [--threads 1]
+    .venv/bin/python benchmarks/bench_moe_latency.py [--model M] [--router R] [--modality sar]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from pathlib import Path
 
 import timm
 import torch
@@ -29,6 +30,9 @@ from mapex_analysis.measure.cost import example_inputs
 from mapex_analysis.measure.latency import measure_latency
 from mapex_analysis.measure.macs import count_macs
 from mapex_analysis.models.registry import create_model
+
+#: The trained study model (written by the MAPEX pretraining run), benchmarked by default.
+DEFAULT_CHECKPOINT = "models/mapex_tiny"
 
 
 def active_mlp_hidden(model: nn.Module) -> int:
@@ -59,8 +63,14 @@ def dense_twin(model: nn.Module, in_chans: int) -> nn.Module:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="mapex_tiny")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Registry name or checkpoint directory (default: the trained checkpoint "
+        f"{DEFAULT_CHECKPOINT} if present, else mapex_tiny at random init).",
+    )
     parser.add_argument("--modality", default="sar")
+    parser.add_argument("--router", default=None, help="Router kind override (default: model's).")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
@@ -69,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    mapex = create_model(args.model).eval()
+    if args.model is None:
+        args.model = DEFAULT_CHECKPOINT if Path(DEFAULT_CHECKPOINT).is_dir() else "mapex_tiny"
+    overrides = {"router": args.router} if args.router else {}
+    mapex = create_model(args.model, **overrides).eval()
     x = example_inputs(mapex, batch_size=args.batch_size, modalities=[args.modality])
     assert isinstance(x, dict)
     dense_x = x[args.modality]
@@ -86,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     t_dense = statistics.median(medians["dense"])
     ratio = t_mapex / t_dense
     print(
-        f"{args.model} fed {args.modality!r}, batch {args.batch_size}, {args.threads} thread(s), "
+        f"{args.model} (router {getattr(mapex, 'router_kind', '?')}) fed {args.modality!r}, batch {args.batch_size}, {args.threads} thread(s), "
         f"torch {torch.__version__}"
     )
     print(f"  MAPEX : {t_mapex:8.2f} ms  {macs_mapex / 1e6:9.2f} M MACs")

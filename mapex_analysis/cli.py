@@ -46,12 +46,22 @@ def list_modalities() -> None:
     console.print(_table(modality_table(), "Modalities"))
 
 
+@list_.command("tasks")
+def list_tasks_cmd() -> None:
+    """SynthEO tasks: label kind, number of classes, default cloud probability."""
+    from mapex_analysis.data.tasks import task_table
+
+    Console(width=max(console.width, 160)).print(_table(task_table(), "SynthEO tasks"))
+
+
 @list_.command("models")
 def list_models() -> None:
     """Registered models with their modalities, parameters and weight source."""
     from mapex_analysis.models.registry import model_table
 
-    console.print(_table(model_table(), "Models"))
+    # at least 160 columns, so names and weight sources are not cut off in pipes and CI logs
+    wide = Console(width=max(console.width, 160))
+    wide.print(_table(model_table(), "Models"))
 
 
 @main.command("macs")
@@ -81,9 +91,10 @@ def macs(model: str, width: float | None, modalities: str | None, batch_size: in
         + (f" at width {cost.width:g}" if cost.width is not None else "")
         + f", batch {cost.batch_size}, inputs {rep.input_shapes}"
     )
+    scale, prefix = (1e9, "G") if rep.total >= 1e9 else (1e6, "M")
     console.print(
-        f"total: {rep.total:,} MACs = {rep.gmacs:.3f} G MACs "
-        f"(FLOPs = 2 x MACs = {rep.flops / 1e9:.3f} G FLOPs)"
+        f"total: {rep.total:,} MACs = {rep.total / scale:.3f} {prefix} MACs "
+        f"(FLOPs = 2 x MACs = {rep.flops / scale:.3f} {prefix} FLOPs)"
     )
     console.print(_table(rep.op_rows(), "MACs per op (uncounted ops listed with their calls)"))
     if rep.unsupported:
@@ -132,7 +143,17 @@ def pretrain_cmd(
     from mapex_analysis.train.pretrain import pretrain
 
     dev: int | str | None = int(devices) if devices and devices.isdigit() else devices
-    command = "mapex-study " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    opts = {
+        "--devices": devices,
+        "--num-nodes": num_nodes,
+        "--accelerator": accelerator,
+        "--max-steps": max_steps,
+        "--output-dir": output_dir,
+    }
+    command = " ".join(
+        ["mapex-study", "pretrain", shlex.quote(config)]
+        + [f"{k} {shlex.quote(str(v))}" for k, v in opts.items() if v is not None]
+    )
     try:
         res = pretrain(
             config,
@@ -192,7 +213,7 @@ def run(study: str, dry_run: bool, fresh: bool) -> None:
         return
     if dry_run:
         cells = plan_grid(cfg)
-        rows = [
+        rows: list[dict[str, object]] = [
             {"cell": cid, "status": "done" if done else "todo", "work": cell.describe()}
             for cell, cid, done in iter_pending(cfg, cells)
         ]

@@ -378,3 +378,163 @@ def test_slimmed_vit_b16_12_bands_smallest_width_reference() -> None:
     assert full == _slim_vit_macs(1.0, **shape)
     assert small == _slim_vit_macs(0.001, **shape)
     assert 0.032 <= small / full <= 0.033
+
+
+# ---------------------------------------------------------------------------------------------
+# mixture of experts: active cost
+
+
+class _MoEOnly(nn.Module):
+    """Traceable wrapper: MoEMLP returns an MoEOutput dataclass, we count its ``out``."""
+
+    def __init__(self, moe: nn.Module) -> None:
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x: torch.Tensor, modality_index: torch.Tensor) -> torch.Tensor:
+        return self.moe(x, modality_index).out
+
+
+@pytest.mark.parametrize(
+    ("experts_per_modality", "top_k", "router", "expected"),
+    [
+        # E = 2 * per_modality routed experts; T = 10 tokens (2 CLS), 8 routed, D = 8, H = 16:
+        # router T*D*E = 80 E; experts 8 routed tokens * k * (D*H + H*D = 256) = 2,048 k;
+        # shared 10 tokens * 256 = 2,560
+        (1, 1, "modality", 80 * 2 + 2_048 + 2_560),  # 4,768
+        (3, 1, "modality", 80 * 6 + 2_048 + 2_560),  # 5,088: more experts, same expert cost
+        (3, 2, "modality", 80 * 6 + 2 * 2_048 + 2_560),  # 7,136
+        (3, 1, "pos_embed", 80 * 6 + 2_048 + 2_560),
+        (3, 2, "deterministic", 80 * 6 + 2 * 2_048 + 2_560),
+    ],
+)
+def test_moe_layer_counts_router_plus_k_active_experts_plus_shared(
+    experts_per_modality: int, top_k: int, router: str, expected: int
+) -> None:
+    from mapex_analysis.models.moe import MoEMLP
+
+    torch.manual_seed(0)
+    moe = MoEMLP(
+        8,
+        16,
+        ("rgb", "sar"),
+        experts_per_modality=experts_per_modality,
+        shared_experts=1,
+        top_k=top_k,
+        router=router,
+    )
+    x = torch.randn(2, 5, 8)
+    index = torch.tensor([[-1, 0, 0, 1, 1], [-1, 1, 1, 1, 0]])  # CLS takes shared experts only
+    report = count_macs(_MoEOnly(moe), (x, index))
+    E = 2 * experts_per_modality
+    assert report.total == expected
+    assert report.by_module["moe.router"] == 10 * 8 * E
+    assert report.by_module["moe.shared_experts"] == 2_560
+    assert report.by_module["moe.experts"] == top_k * 2_048
+    # per expert: (tokens routed to it) * 256; the trace sees the routed token counts
+    with torch.no_grad():
+        counts = moe(x, index).stats.counts.sum(0)  # (E,) tokens per routed expert
+    for e in range(E):
+        assert report.by_module.get(f"moe.experts.{e}", 0) == int(counts[e]) * 256
+    # FlopCounterMode also counts the routing statistics (one_hot.T @ assign: 8 routed tokens
+    # * M = 2 * E), which the output does not depend on and the trace drops
+    assert report.cross_check["flopcounter_macs"] - report.total == 8 * 2 * E
+
+
+# mapex_test fed SAR alone, batch 2: 16 px / patch 8 -> 4 patches + CLS = 5 tokens, T = 10,
+# D = 32, 2 heads, expert hidden 32, E = 6 routed experts + 1 shared, 2 blocks:
+#   patch embedding: 2 * 4 * 32 * (2 bands * 64 = 128)                = 32,768
+#   per block: norms 2 * 10 * 32 * 5 = 3,200; qkv 10 * 32 * 96 = 30,720; attention
+#   2 * 2 * 5^2 * 32 = 3,200; proj 10 * 32 * 32 = 10,240; router 10 * 32 * 6 = 1,920;
+#   routed experts 8 tokens * 2 * 32 * 32 = 16,384; shared 10 * 2,048 = 20,480 -> 86,144
+#   final norm 10 * 32 * 5 = 1,600;  total 32,768 + 2 * 86,144 + 1,600 = 206,656
+MAPEX_TEST_SAR_B2 = 206_656
+
+
+@pytest.mark.parametrize("router", ["modality", "deterministic"])
+def test_mapex_pruned_to_one_modality_counts_the_same_on_it(router: str) -> None:
+    from mapex_analysis.measure.cost import example_inputs
+    from mapex_analysis.models.registry import create_model
+    from mapex_analysis.ops import prune_experts
+
+    torch.manual_seed(0)
+    model = create_model("mapex_test", router=router).eval()
+    x = example_inputs(model, batch_size=2, modalities=["sar"])
+    full = count_macs(model, x)
+    assert full.total == MAPEX_TEST_SAR_B2
+    pruned = count_macs(prune_experts(model, ["sar"]), x)
+    # everything but the router is identical; the pruned router scores 1 expert instead of 6:
+    # 2 blocks * 10 tokens * 32 * (6 - 1) = 3,200 MACs fewer
+    assert full.total - pruned.total == 2 * 10 * 32 * 5 == 3_200
+    for i in range(2):
+        for part in ("attn", "norm1", "norm2", "mlp.shared_experts", "mlp.experts"):
+            name = f"blocks.{i}.{part}"
+            assert pruned.by_module[name] == full.by_module[name], name
+        assert pruned.by_module[f"blocks.{i}.mlp.router"] == 10 * 32
+    embed = "tokenizer.patch_embed.sar"
+    assert pruned.by_module[embed] == full.by_module[embed] == 32_768
+
+
+def test_mapex_per_modality_breakdown_and_active_params() -> None:
+    from mapex_analysis.measure.cost import example_inputs
+    from mapex_analysis.models.registry import create_model
+
+    torch.manual_seed(0)
+    model = create_model("mapex_test").eval()
+    x = example_inputs(model, batch_size=2)
+    report = count_macs(model, x, per_modality=True)
+    assert report.by_modality["sar"] == MAPEX_TEST_SAR_B2
+    # a 1-band modality (nir) has a patch embedding of 64 instead of 128 inputs:
+    # 206,656 - 2 * 4 * 32 * 64 = 190,272
+    assert report.by_modality["nir"] == MAPEX_TEST_SAR_B2 - 2 * 4 * 32 * 64 == 190_272
+    assert set(report.by_modality) == set(model.modalities)
+    assert {"aten::topk", "aten::index_select", "aten::index_add_"} <= set(report.unsupported)
+    params = count_params(model)
+    # per modality owned: patch embedding (C * 64 + 1) * 32, modality embedding 32, router
+    # embedding 2 * 32 (one per block), 2 experts (32 * 32 + 32 + 32 * 32 + 32 = 2,112 each)
+    # sar: (128 + 1) * 32 + 32 + 64 + 2 * 2,112 = 4,128 + 96 + 4,224 = 8,448
+    assert params.owned["sar"] == 8_448
+    assert params.by_modality["sar"] == params.shared + 8_448
+    assert params.total == params.shared + sum(params.owned.values())
+    assert count_params(model, ["sar", "rgb"]).active == (
+        params.shared + params.owned["sar"] + params.owned["rgb"]
+    )
+
+
+def test_cli_macs_mapex_slimmed_one_modality() -> None:
+    # mapex_test fed SAR, batch 2, slimmed to s = 0.5 (d_k 16 -> 8 per head, hidden 32 -> 16):
+    # per block norms 3,200; qkv 10 * 32 * 48 = 15,360; attention 2 * 2 * 5^2 * (8 + 8) =
+    # 1,600; proj 10 * 16 * 32 = 5,120; router 1,920; routed experts 8 * 2 * 32 * 16 = 8,192;
+    # shared 10 * 1,024 = 10,240 -> 45,632; total 2 * 45,632 + patch 32,768 + norm 1,600
+    # = 125,632 MACs
+    args = ["macs", "mapex_test", "--modalities", "sar", "--batch-size", "2", "--width", "0.5"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "mapex_test at width 0.5, batch 2" in out
+    assert "total: 125,632 MACs = 0.126 M MACs" in out
+    assert "active for sar" in out
+
+
+class _DeadBranch(nn.Module):
+    """Computes a linear whose result it throws away."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(4, 3)
+        self.unused = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.unused(x)
+        return self.used(x)
+
+
+def test_cross_check_flags_executed_but_unused_work(caplog: pytest.LogCaptureFixture) -> None:
+    # batch 2: used 2 * 4 * 3 = 24 MACs (the output depends on it); unused 2 * 4 * 5 = 40
+    # MACs run eagerly (FlopCounterMode sees them) but the trace drops them
+    with caplog.at_level("WARNING", logger="mapex_analysis.measure.macs"):
+        report = count_macs(_DeadBranch(), torch.randn(2, 4))
+    assert report.total == 24
+    assert report.cross_check["flopcounter_macs"] == 64
+    assert report.cross_check["rel_diff"] == pytest.approx(40 / 24)
+    assert "_DeadBranch: fvcore counts 24 MACs, FlopCounterMode 64" in caplog.text

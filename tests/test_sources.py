@@ -123,6 +123,8 @@ def test_mmearth_denormalised_to_physical_units(tmp_path: Path) -> None:
     )
     with pytest.raises(TaskError, match=r"MMEarth has no split 'val'; valid splits: train"):
         MMEarthSource(tmp_path, "val")
+    with pytest.raises(ValueError, match=r"unknown MMEarth subset 'MMEarth1k'; valid: MMEarth,"):
+        MMEarthSource(tmp_path, subset="MMEarth1k")
 
 
 def test_mmflood_linear_sar_to_db_chips(tmp_path: Path) -> None:

@@ -21,7 +21,6 @@ anything. Supported: :class:`EuroSATSource`, :class:`BigEarthNetV2Source`,
 from __future__ import annotations
 
 import abc
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,8 +46,6 @@ __all__ = [
     "open_source",
     "select_modalities",
 ]
-
-logger = logging.getLogger(__name__)
 
 #: Sentinel-2 L1C/L2A products store reflectance x 10,000 as integers.
 S2_DN_SCALE = 10_000.0
@@ -280,10 +277,15 @@ class MMEarthSource(ModalitySource):
         subset: ``MMEarth``, ``MMEarth64`` or ``MMEarth100k``.
         orbit: Sentinel-1 orbit direction, ``asc`` or ``desc``.
         labels: Include the WorldCover map as ``label``.
+
+    Raises:
+        ValueError: for an unknown ``subset`` or ``orbit``.
+        BandError: if a tile lacks the bands of a requested modality.
     """
 
     name = "MMEarth"
     splits = ("train",)
+    subsets: tuple[str, ...] = ("MMEarth", "MMEarth64", "MMEarth100k")
     #: MMEarth band name -> project band name.
     s2_names: dict[str, str] = {
         "B1": "B01", "B2": "B02", "B3": "B03", "B4": "B04", "B5": "B05", "B6": "B06",
@@ -304,6 +306,8 @@ class MMEarthSource(ModalitySource):
     ) -> None:
         if orbit not in ("asc", "desc"):
             raise ValueError(f"unknown Sentinel-1 orbit {orbit!r}; valid: asc, desc")
+        if subset not in self.subsets:
+            raise ValueError(f"unknown MMEarth subset {subset!r}; valid: {', '.join(self.subsets)}")
         self.subset = subset
         self.orbit = orbit
         self.labels = labels
@@ -395,6 +399,9 @@ class MMFloodSource(ModalitySource):
         modalities: Default ``("sar", "ele")``.
         img_size: Chip side in pixels.
         sar_scale: Unit of the stored backscatter: ``linear`` or ``db``.
+
+    Raises:
+        ValueError: for an unknown ``sar_scale`` or ``img_size < 1``.
     """
 
     name = "MMFlood"
@@ -411,6 +418,8 @@ class MMFloodSource(ModalitySource):
     ) -> None:
         if sar_scale not in ("linear", "db"):
             raise ValueError(f"unknown sar_scale {sar_scale!r}; valid: linear, db")
+        if img_size < 1:
+            raise ValueError(f"img_size must be >= 1 pixel, got {img_size}")
         self.img_size = img_size
         self.sar_scale = sar_scale
         super().__init__(root, split, modalities)

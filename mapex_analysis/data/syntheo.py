@@ -15,18 +15,25 @@ ships scenes that behave like the real sensors:
   linear power, a per-scene incidence-angle offset, and multiplicative gamma speckle with
   :data:`SAR_LOOKS` equivalent looks; converted to dB and clipped to [-25, 0]. Clouds do not
   affect SAR.
-* **Elevation** (``ele``): fractal (1/f^beta) terrain around class-typical altitudes
-  (:data:`CLASS_ELEVATION_M`), e.g. snow high, water and wetlands low.
+* **Elevation** (``ele``): class-typical altitudes (:data:`CLASS_ELEVATION_M`, e.g. snow high,
+  water and wetlands low) blurred across class boundaries, plus a per-scene offset and fractal
+  (1/f^beta) relief, floored at sea level.
+* **Events.** ``flood``: in half the scenes, water spreads over the lowest 20-50 % of the
+  ground (the DEM keeps the pre-flood surface); every scene is cloudy by default, so optical
+  bands see the water only through gaps. ``wildfire``: in half the scenes a burn scar
+  (:data:`BURN_SPECTRUM`) covers 10-40 % of the scene.
 
 Each modality carries information the others lack (broadleaf vs conifer: red edge / NIR;
 lowland vs alpine grassland: elevation only; grassland vs wetland: SAR and SWIR; built-up vs
 bare: SAR; snow vs cloud: SWIR; burn scar vs dark classes: NIR / SWIR), which is what makes
 modality choice matter, as in the real world.
 
-Generation is vectorised over chunks of :data:`CHUNK` scenes. Chunk ``i`` of a split draws from
-its own ``numpy.random.Generator(PCG64)`` seeded by a SHA-256 of ``(seed, split, task, i)``, so
-the same seed gives bit-identical arrays across runs and processes, and a larger ``n`` extends a
-split without changing its first scenes. Generated splits are cached on disk (``.npz``, written
+Generation is vectorised over chunks of :data:`CHUNK` scenes (chunks run on a small thread
+pool). Chunk ``i`` of a split draws from its own ``numpy.random.Generator(PCG64)`` streams,
+seeded by a SHA-256 of ``(seed, split, task, i, component)`` with one stream per component
+(scene layout, optical, clouds, SAR), so the same seed gives bit-identical arrays across runs,
+processes and thread counts, a larger ``n`` extends a split without changing its first scenes,
+and turning clouds on changes the optical bands only. Generated splits are cached on disk (``.npz``, written
 atomically) under a key that hashes the full generation config.
 """
 
@@ -38,12 +45,14 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.ndimage import gaussian_filter, uniform_filter
 from scipy.special import ndtri
 from torch.utils.data import Dataset
 
@@ -81,7 +90,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever the physics changes, so stale caches are never read.
-GENERATOR_VERSION = "syntheo-1"
+GENERATOR_VERSION = "syntheo-2"
 
 #: Scenes generated per random stream (determinism unit).
 CHUNK = 256
@@ -237,10 +246,8 @@ def _fractal_noise(rng: np.random.Generator, b: int, h: int, beta: float) -> np.
 
 def _box3(x: np.ndarray) -> np.ndarray:
     """3x3 box filter over the last two axes with edge replication."""
-    p = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)], mode="edge")
-    h, w = x.shape[-2:]
-    rows = p[..., :-2, :] + p[..., 1:-1, :] + p[..., 2:, :]
-    return (rows[..., :, :-2] + rows[..., :, 1:-1] + rows[..., :, 2:])[..., :h, :w] / 9.0
+    size = (1,) * (x.ndim - 2) + (3, 3)
+    return uniform_filter(x, size=size, mode="nearest")
 
 
 def _layout(rng: np.random.Generator, b: int, h: int) -> np.ndarray:
@@ -285,6 +292,7 @@ def _soft_mask(field: np.ndarray, cover: np.ndarray, softness: float = 0.4) -> n
 
 
 def _generate_chunk(cfg: SceneConfig, spec: TaskSpec, chunk: int, b: int) -> dict[str, np.ndarray]:
+    """Render ``b`` scenes of chunk number ``chunk`` (all six modalities, label, dominant class)."""
     # Independent streams per component: turning clouds on changes optical bands only.
     rng = _stream(cfg.seed, cfg.split, cfg.task, chunk, "scene")
     rng_opt = _stream(cfg.seed, cfg.split, cfg.task, chunk, "optical")
@@ -299,7 +307,8 @@ def _generate_chunk(cfg: SceneConfig, spec: TaskSpec, chunk: int, b: int) -> dic
 
     # --- elevation: class altitudes, smoothed, + scene offset + fractal terrain ---------------
     class_alt = np.einsum("bkhw,k->bhw", frac, CLASS_ELEVATION_M)
-    class_alt = _box3(_box3(class_alt))
+    # Terrain is smooth across class boundaries: ~3 px (30 m at 10 m GSD) Gaussian blur.
+    class_alt = gaussian_filter(class_alt, sigma=(0, 3, 3), mode="nearest")
     terrain = _fractal_noise(rng, b, h, 3.0)
     offset = rng.normal(0.0, 250.0, size=(b, 1, 1)).astype(np.float32)
     relief = rng.uniform(80.0, 300.0, size=(b, 1, 1)).astype(np.float32)
@@ -333,20 +342,22 @@ def _generate_chunk(cfg: SceneConfig, spec: TaskSpec, chunk: int, b: int) -> dic
     nb = len(OPTICAL_BANDS)
     spectra = S2_SPECTRA[None] * (1.0 + 0.10 * rng_opt.standard_normal((b, k, 1), dtype=np.float32))
     spectra = spectra + 0.012 * rng_opt.standard_normal((b, k, nb), dtype=np.float32)
-    flat = frac.reshape(b, k, h * h).transpose(0, 2, 1)  # (b, HW, K)
-    refl = np.matmul(flat, spectra).transpose(0, 2, 1).reshape(b, nb, h, h)
+    flat = frac.reshape(b, k, h * h)  # (b, K, HW)
+    refl = np.matmul(spectra.transpose(0, 2, 1), flat).reshape(b, nb, h, h)  # linear mixing
     texture = 1.0 + 0.08 * _fractal_noise(rng_opt, b, h, 1.5)
     refl *= texture[:, None]
     if extra_kind is not None:
         target = S2_SPECTRA[0] if extra_kind == "water" else BURN_SPECTRUM
         e = extra_frac[:, None]
-        refl = refl * (1.0 - e) + target[None, :, None, None] * e
+        refl *= 1.0 - e
+        refl += target[None, :, None, None] * e
     gain = rng_opt.uniform(0.85, 1.15, size=(b, 1, 1, 1)).astype(np.float32)
     path = (
         rng_opt.uniform(0.0, 0.03, size=(b, 1, 1, 1)).astype(np.float32)
         * (490.0 / _WAVELENGTHS_NM)[None, :, None, None] ** 4
     )
-    refl = refl * gain + path
+    refl *= gain
+    refl += path
     if cfg.clouds > 0:
         cloudy = rng_cloud.random(b) < cfg.clouds
         amount = rng_cloud.uniform(0.3, 1.0, size=b).astype(np.float32)
@@ -354,21 +365,27 @@ def _generate_chunk(cfg: SceneConfig, spec: TaskSpec, chunk: int, b: int) -> dic
         alpha *= rng_cloud.uniform(0.85, 1.0, size=(b, 1, 1)).astype(
             np.float32
         )  # optical thickness
-        refl = refl * (1.0 - alpha[:, None]) + CLOUD_SPECTRUM[None, :, None, None] * alpha[:, None]
-    refl += 0.008 * rng_opt.standard_normal(refl.shape, dtype=np.float32)
-    refl = np.clip(refl, 0.0, 1.5)
+        refl *= 1.0 - alpha[:, None]
+        refl += CLOUD_SPECTRUM[None, :, None, None] * alpha[:, None]
+    noise = rng_opt.standard_normal(refl.shape, dtype=np.float32)  # sensor noise
+    noise *= 0.008
+    refl += noise
+    np.clip(refl, 0.0, 1.5, out=refl)
 
     # --- Sentinel-1 backscatter ---------------------------------------------------------------
     s1_lin = 10.0 ** (S1_BACKSCATTER_DB / 10.0)  # (K, 2)
-    sar = np.matmul(flat, s1_lin[None]).transpose(0, 2, 1).reshape(b, 2, h, h)
+    sar = np.matmul(s1_lin.T[None], flat).reshape(b, 2, h, h)  # mixing in linear power
     if extra_kind is not None:
         target_db = S1_BACKSCATTER_DB[0] if extra_kind == "water" else BURN_BACKSCATTER_DB
         e = extra_frac[:, None]
         sar = sar * (1.0 - e) + (10.0 ** (target_db / 10.0))[None, :, None, None] * e
     incidence = rng_sar.normal(0.0, 1.0, size=(b, 1, 1, 1)).astype(np.float32)  # dB, per scene
     speckle = rng_sar.standard_gamma(SAR_LOOKS, size=sar.shape, dtype=np.float32) / SAR_LOOKS
-    sar_db = 10.0 * np.log10(sar * speckle + 1e-6) + incidence
-    sar_db = np.clip(sar_db, -25.0, 0.0)
+    sar *= speckle
+    sar_db = np.log10(sar + 1e-6)
+    sar_db *= 10.0
+    sar_db += incidence
+    np.clip(sar_db, -25.0, 0.0, out=sar_db)
 
     out = {
         "rgb": refl[:, _MODALITY_COLUMNS["rgb"]],
@@ -390,11 +407,14 @@ def _generate_chunk(cfg: SceneConfig, spec: TaskSpec, chunk: int, b: int) -> dic
     return {name: np.ascontiguousarray(a, dtype=a.dtype) for name, a in out.items()}
 
 
-def generate(cfg: SceneConfig) -> dict[str, np.ndarray]:
+def generate(cfg: SceneConfig, *, workers: int | None = None) -> dict[str, np.ndarray]:
     """Generate a split from scratch (no cache).
 
     Args:
         cfg: The generation config.
+        workers: Threads generating chunks in parallel (numpy releases the GIL in the heavy
+            ops); default ``min(2, os.cpu_count())``. Results do not depend on it: every chunk
+            has its own random stream.
 
     Returns:
         ``{modality: float32 (N, C, H, W)}`` for all six modalities, ``"label"`` (absent for
@@ -410,14 +430,27 @@ def generate(cfg: SceneConfig) -> dict[str, np.ndarray]:
         raise ValueError(f"n must be >= 0, got {cfg.n}")
     if cfg.img_size < 4:
         raise ValueError(f"img_size must be >= 4 pixels, got {cfg.img_size}")
-    parts: list[dict[str, np.ndarray]] = []
-    for i, start in enumerate(range(0, cfg.n, CHUNK)):
-        full = _generate_chunk(cfg, spec, i, CHUNK)
+    starts = list(range(0, cfg.n, CHUNK))
+    if not starts:
+        return {name: a[:0] for name, a in _generate_chunk(cfg, spec, 0, 1).items()}
+    nthreads = max(1, min(workers or min(2, os.cpu_count() or 1), len(starts)))
+    out: dict[str, np.ndarray] = {}
+
+    def work(i: int) -> None:
+        chunk = _generate_chunk(cfg, spec, i, CHUNK)
+        start = starts[i]
         take = min(CHUNK, cfg.n - start)
-        parts.append({name: a[:take] for name, a in full.items()})
-    if not parts:
-        parts = [{name: a[:0] for name, a in _generate_chunk(cfg, spec, 0, 1).items()}]
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        for name, a in chunk.items():
+            out[name][start : start + take] = a[:take]
+
+    first = _generate_chunk(cfg, spec, 0, CHUNK)
+    for name, a in first.items():
+        out[name] = np.empty((cfg.n, *a.shape[1:]), dtype=a.dtype)
+        out[name][: min(CHUNK, cfg.n)] = a[: min(CHUNK, cfg.n)]
+    if len(starts) > 1:
+        with ThreadPoolExecutor(max_workers=nthreads) as pool:
+            list(pool.map(work, range(1, len(starts))))
+    return out
 
 
 def default_cache_dir() -> Path:

@@ -24,6 +24,7 @@ __all__ = [
     "TaskSpec",
     "get_task",
     "list_tasks",
+    "task_table",
     "validate_split",
 ]
 
@@ -162,3 +163,17 @@ def validate_split(split: str) -> str:
     if split not in SPLITS:
         raise TaskError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     return split
+
+
+def task_table() -> list[dict[str, object]]:
+    """Rows (task, kind, classes, default clouds, description) for ``mapex-study list tasks``."""
+    return [
+        {
+            "task": t.name,
+            "kind": t.kind,
+            "classes": t.num_classes,
+            "clouds": f"{t.clouds:g}",
+            "description": t.description,
+        }
+        for t in TASKS.values()
+    ]

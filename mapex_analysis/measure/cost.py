@@ -10,8 +10,9 @@ and the two-counter cross-check) and the :class:`~mapex_analysis.measure.params.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -118,14 +119,14 @@ def example_inputs(
     return out
 
 
-def _build(model: str) -> nn.Module:
+def _build(model: str, kwargs: Mapping[str, Any]) -> nn.Module:
     if model.startswith(TIMM_PREFIX):
         import timm
 
-        return timm.create_model(model[len(TIMM_PREFIX) :], pretrained=False)
+        return timm.create_model(model[len(TIMM_PREFIX) :], pretrained=False, **kwargs)
     from mapex_analysis.models.registry import create_model
 
-    return create_model(model)
+    return create_model(model, **kwargs)
 
 
 def measure_cost(
@@ -135,6 +136,7 @@ def measure_cost(
     modalities: Sequence[str] | None = None,
     batch_size: int = 1,
     seed: int = 0,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> CostReport:
     """MACs (two counters, per op, per modality) and parameters of a model variant.
 
@@ -146,6 +148,8 @@ def measure_cost(
         modalities: Modalities to feed; default all the model declares.
         batch_size: Batch size of the example inputs.
         seed: Seed of the example inputs.
+        model_kwargs: Constructor overrides when ``model`` is a name (e.g.
+            ``{"fill": "zeros"}`` for adapters that need bands no modality carries).
 
     Returns:
         The :class:`CostReport`.
@@ -156,7 +160,9 @@ def measure_cost(
         MacsError: if the model cannot be traced.
     """
     name = model if isinstance(model, str) else type(model).__name__
-    module = _build(model) if isinstance(model, str) else model
+    if model_kwargs and not isinstance(model, str):
+        raise ValueError("model_kwargs apply only when the model is given by name")
+    module = _build(model, model_kwargs or {}) if isinstance(model, str) else model
     if width is not None:
         from mapex_analysis.ops import slim_width
 

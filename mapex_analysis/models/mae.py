@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
@@ -182,7 +183,7 @@ class MaskedAutoencoder(nn.Module):
         seq = torch.cat([h[:, 1:], fill], dim=1)  # shuffled order
         seq = seq.gather(1, restore.unsqueeze(-1).expand(-1, -1, Dd))  # original order (B, N, Dd)
         table = torch.stack([self.decoder_modality_embed[m] for m in tok.modalities])  # (M, Dd)
-        pos_table: torch.Tensor = self.decoder_pos_embed  # type: ignore[assignment]
+        pos_table = cast(torch.Tensor, self.decoder_pos_embed)
         seq = seq + table[tok.modality_index] + pos_table.to(h.dtype)[tok.positions]
         seq = torch.cat([h[:, :1], seq], dim=1)
         for blk in self.decoder_blocks:

@@ -73,8 +73,12 @@ def probe_summary(df: pd.DataFrame) -> pd.DataFrame:
     p["retention"] = p["value"] / p["ref"]
     agg = (
         p.groupby(_KEY, dropna=False, sort=False)
-        .agg(value=("value", "mean"), std=("value", "std"), n_seeds=("seed", "nunique"),
-             retention=("retention", "mean"))  # fmt: skip
+        .agg(
+            value=("value", "mean"),
+            std=("value", "std"),
+            n_seeds=("seed", "nunique"),
+            retention=("retention", "mean"),
+        )  # fmt: skip
         .reset_index()
     )
     cost = df[df["protocol"] == "cost"]
@@ -89,13 +93,26 @@ def probe_summary(df: pd.DataFrame) -> pd.DataFrame:
     return agg
 
 
+def widest(modalities: pd.Series) -> str:
+    """The modality set with the most modalities (``a+b+c``) among ``modalities``.
+
+    Args:
+        modalities: Modality-set strings.
+
+    Returns:
+        The widest one (the first on ties).
+    """
+    values = [str(v) for v in modalities]
+    return max(values, key=lambda v: v.count("+"))
+
+
 def _full_macs(df: pd.DataFrame) -> dict[str, float]:
     """MACs of each model's base variant fed all its modalities (the most modalities)."""
     cost = df[(df["protocol"] == "cost") & (df["metric"] == "macs") & (df["variant"] == "base")]
     out = {}
     for model, g in cost.groupby("model"):
-        n = g["modalities"].str.count(r"\+")
-        out[str(model)] = float(g.loc[n.idxmax(), "value"])
+        full = g[g["modalities"] == widest(g["modalities"])]
+        out[str(model)] = float(full["value"].mean())
     return out
 
 
@@ -156,7 +173,7 @@ def retention_figure(summary: pd.DataFrame, task: str, protocol: str) -> go.Figu
             g = g.sort_values("rel_macs")
             fig.add_trace(go.Scatter(
                 x=g["rel_macs"], y=g["retention"], name=f"{model}: {fam}",
-                mode="lines+markers" if "slim" in fam else "markers",
+                mode="lines+markers" if "slim" in str(fam) else "markers",
                 text=g["variant"] + " @" + g["modalities"],
                 hovertemplate="%{text}<br>rel. MACs %{x:.4f}<br>retention %{y:.3f}<extra></extra>",
             ))  # fmt: skip
@@ -233,7 +250,7 @@ def specialization_figures(df: pd.DataFrame) -> list[tuple[str, go.Figure]]:
            & (df["variant"] == "base")]  # fmt: skip
     out = []
     for model, g in r.groupby("model", sort=True):
-        g = g[g["modalities"] == g.loc[g["modalities"].str.count(r"\+").idxmax(), "modalities"]]
+        g = g[g["modalities"] == widest(g["modalities"])]
         g = g[(g["task"] == g["task"].iloc[0]) & (g["seed"] == g["seed"].iloc[0])]
         layers = sorted(g["layer"].unique())
         fig = make_subplots(rows=1, cols=len(layers), subplot_titles=[f"layer {i}" for i in layers],
@@ -242,8 +259,8 @@ def specialization_figures(df: pd.DataFrame) -> list[tuple[str, go.Figure]]:
         for j, layer in enumerate(layers):
             gl = g[g["layer"] == layer]
             piv = gl.pivot_table(index="subject", columns="expert", values="value").reindex(mods)
-            groups = gl.drop_duplicates("expert").set_index("expert")["expert_group"]
-            xs = [f"e{e}:{groups.get(e, '')}" for e in piv.columns]
+            groups = dict(zip(gl["expert"].astype(int), gl["expert_group"].astype(str)))
+            xs = [f"e{e}:{groups.get(int(e), '')}" for e in piv.columns]
             fig.add_trace(go.Heatmap(z=piv.values, x=xs, y=mods, zmin=0, zmax=1,
                                      colorscale="Viridis", showscale=j == len(layers) - 1,
                                      colorbar=dict(title="p(e|m)")), row=1, col=j + 1)  # fmt: skip
@@ -274,7 +291,7 @@ def redundancy_figure(df: pd.DataFrame) -> go.Figure:
         task = r["task"].iloc[0]
         r = r[r["task"] == task]
         for model, g in r.groupby("model", sort=True):
-            full = g.loc[g["modalities"].str.count(r"\+").idxmax(), "modalities"]
+            full = widest(g["modalities"])
             g = g[g["modalities"] == full]
             for j, (metric, _) in enumerate(_RED):
                 gm = g[g["metric"] == metric].groupby("width")["value"].mean().sort_index()

@@ -32,6 +32,7 @@ from mapex_analysis.report.figures import (
     redundancy_figure,
     retention_figure,
     specialization_figures,
+    widest,
 )
 from mapex_analysis.study.results import read_results
 
@@ -105,14 +106,16 @@ def _seed_table(df: pd.DataFrame, summary: pd.DataFrame, task: str) -> str:
                      metric=metric)  # fmt: skip
             cells.append(_td(_mean(probes, **q), q))
         full = g[g["variant"] == "base"]
-        all_mods = full.loc[full["modalities"].str.count(r"\+").idxmax(), "modalities"]
+        all_mods = widest(full["modalities"])
         q = dict(model=model, variant="base", modalities=all_mods, task=task, protocol=protocol,
                  metric=metric)  # fmt: skip
         cells.append(_td(_mean(probes, **q), q))
         pq = dict(model=model, variant="base", modalities=all_mods, protocol="cost",
                   metric="params_total")  # fmt: skip
         cells.append(_td(_mean(df, **pq), pq, "parameters"))
-        label = f"{model} ({role}{', router ' + g['router'].iloc[0] if g['router'].iloc[0] else ''})"
+        label = (
+            f"{model} ({role}{', router ' + g['router'].iloc[0] if g['router'].iloc[0] else ''})"
+        )
         rows.append(f"<tr><td class='l'>{html.escape(label)}</td><td class='l'>{protocol} "
                     f"{metric}</td>{''.join(cells)}</tr>")  # fmt: skip
     return (f"<table><tr><th class='l'>model</th><th class='l'>protocol</th>{head}</tr>"
@@ -209,7 +212,9 @@ def latest_study_dir(root: str | Path = "reports") -> Path:
     """
     cands = [p for p in Path(root).glob("*/cells") if p.is_dir()]
     if not cands:
-        raise FileNotFoundError(f"no study results under {str(root)!r}; run `mapex-study run` first")
+        raise FileNotFoundError(
+            f"no study results under {str(root)!r}; run `mapex-study run` first"
+        )
     return max(cands, key=lambda p: p.stat().st_mtime).parent
 
 
@@ -269,9 +274,11 @@ def render_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
         "relative MACs = MACs per sample / MACs of the full model on all its modalities. "
         "Accuracies in %.</p>",
         "<pre id='js-errors'></pre>",
-        f"<h2>Which operator reaches {target:.0%} retention at the lowest MACs</h2><ul>",
+        f"<h2>Which operator reaches {target:.0%} retention at the lowest MACs</h2>",
+        f"<details><summary>{len(findings)} findings, one per (task, protocol, model, "
+        "single modality), computed from the table</summary><ul>",
         *[f"<li>{html.escape(s)}</li>" for s in findings],
-        "</ul>",
+        "</ul></details>",
         f"<h2>Per-modality results ({html.escape(task)})</h2>",
         "<p class='note'>MAPEX rows: pruned to the modality; dense and supervised rows: the "
         "model fed only that modality.</p>",

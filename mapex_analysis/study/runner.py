@@ -18,6 +18,7 @@ without recomputing or duplicating anything. Frozen features are cached on disk 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -38,7 +39,7 @@ import torch
 import yaml
 from torch import nn
 
-from mapex_analysis.study.results import finished_cells, write_cell, write_table
+from mapex_analysis.study.results import cell_path, finished_cells, write_cell, write_table
 from mapex_analysis.study.schema import ModelConfig, Study
 
 __all__ = ["Cell", "RunSummary", "Variant", "environment", "plan_grid", "run_study"]
@@ -84,6 +85,36 @@ class Variant:
         return "+".join(ops) or "none"
 
 
+@functools.lru_cache(maxsize=64)
+def _file_sha(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def checkpoint_fingerprint(source: str) -> str:
+    """SHA-256 prefix of a checkpoint's ``spec.json`` and weights, so that re-pretrained
+    weights invalidate the finished cells of a study instead of being silently reused.
+
+    Args:
+        source: A checkpoint directory.
+
+    Returns:
+        ``"<spec sha>:<weights sha>"`` (empty parts for missing files).
+    """
+    parts = []
+    for name in ("spec.json", "weights.safetensors"):
+        f = Path(source) / name
+        if f.is_file():
+            st = f.stat()
+            parts.append(_file_sha(str(f.resolve()), st.st_size, st.st_mtime_ns))
+        else:
+            parts.append("")
+    return ":".join(parts)
+
+
 @dataclass(frozen=True)
 class Cell:
     """One unit of work whose rows are written together.
@@ -112,6 +143,7 @@ class Cell:
             "kind": self.kind,
             "model": self.model,
             "model_cfg": cfg.model_dump(mode="json"),
+            "weights": checkpoint_fingerprint(cfg.source) if cfg.is_checkpoint else "",
             "variant": self.variant.key,
             "slim_seed": study.operators.slim.seed if study.operators.slim else 0,
             "prune": study.operators.prune.model_dump(mode="json")
@@ -135,6 +167,7 @@ class Cell:
         else:
             payload |= {
                 "measure": sorted(set(study.measurements) & {"macs", "params", "latency"}),
+                "slim_widths": cfg.slim_widths,
                 "latency": study.latency.model_dump(mode="json"),
             }
         blob = json.dumps(payload, sort_keys=True).encode()
@@ -171,8 +204,8 @@ class RunSummary:
 
 
 def _seed_everything(seed: int) -> None:
+    # Model init and torch-side randomness; probes and data take explicit seeds.
     torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
 
 
 def build_base(cfg: ModelConfig) -> nn.Module:
@@ -212,28 +245,32 @@ def _model_modalities(model: nn.Module) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- grid
 
 
-def _variants(study: Study, role: str, mods: tuple[str, ...]) -> list[tuple[Variant, tuple]]:
+def _variants(study: Study, cfg: ModelConfig, mods: tuple[str, ...]) -> list[tuple[Variant, tuple]]:
     out: list[tuple[Variant, tuple[str, ...]]] = [(Variant(), mods)]
-    prune, slim = study.operators.prune, study.operators.slim
-    sets = prune.expanded(mods) if prune is not None else []
+    prune = study.operators.prune if "prune" in cfg.operators else None
+    slim = study.operators.slim if "slim" in cfg.operators else None
+    # Input-restricted references exist for every prune set, even where pruning does not apply.
+    sets = study.operators.prune.expanded(mods) if study.operators.prune is not None else []
     sets = [s for s in sets if s != mods]
     for s in sets:
         out.append((Variant(), s))
-        if role == "mapex":
+        if prune is not None and cfg.role == "mapex":
             out.append((Variant(prune=s), s))
     if slim is not None:
-        widths = [w for w in slim.width_list() if w < 1.0]
         for mode in slim.modes:
             for order in slim.orders:
-                for w in widths:
-                    if "base" in slim.apply_to:
-                        out.append((Variant(width=w, mode=mode, order=order), mods))
-                        if slim.modality_sets:
-                            out += [(Variant(width=w, mode=mode, order=order), s) for s in sets]
-                    if "pruned" in slim.apply_to and role == "mapex":
-                        out += [
-                            (Variant(prune=s, width=w, mode=mode, order=order), s) for s in sets
-                        ]
+                if "base" in slim.apply_to:
+                    for w in slim.width_list(override=cfg.slim_widths):
+                        if w < 1.0:
+                            out.append((Variant(width=w, mode=mode, order=order), mods))
+                            if slim.modality_sets:
+                                out += [(Variant(width=w, mode=mode, order=order), s)
+                                        for s in sets]  # fmt: skip
+                if "pruned" in slim.apply_to and prune is not None and cfg.role == "mapex":
+                    for w in slim.width_list(pruned=True):
+                        if w < 1.0:
+                            out += [(Variant(prune=s, width=w, mode=mode, order=order), s)
+                                    for s in sets]  # fmt: skip
     return out
 
 
@@ -255,7 +292,7 @@ def plan_grid(study: Study, modalities: dict[str, tuple[str, ...]] | None = None
     cost: list[Cell] = []
     evals: list[Cell] = []
     for label, cfg in study.models.items():
-        for variant, mods in _variants(study, cfg.role, mods_of[label]):
+        for variant, mods in _variants(study, cfg, mods_of[label]):
             if want_cost:
                 cost.append(Cell("cost", label, variant, mods))
             for task in study.tasks:
@@ -372,7 +409,7 @@ class _Context:
                 img_size=d.img_size,
                 clouds=d.clouds,
             )
-            while len(self.data) > 6:
+            while len(self.data) > 16:
                 self.data.popitem(last=False)
         return self.data[key]
 
@@ -419,7 +456,9 @@ def _cost_rows(ctx: _Context, cell: Cell) -> list[dict[str, Any]]:
                             "unit": "parameters"})  # fmt: skip
         rows.append(row0 | {"metric": "params_active", "value": float(prm.active),
                             "unit": "parameters"})  # fmt: skip
-    if "latency" in study.measurements:
+    lat_widths = study.latency.widths
+    timed = cell.variant.width is None or lat_widths is None or cell.variant.width in lat_widths
+    if "latency" in study.measurements and timed:
         from mapex_analysis.measure.latency import measure_latency
 
         lat = study.latency
@@ -444,9 +483,10 @@ def _eval_rows(ctx: _Context, cell: Cell) -> list[dict[str, Any]]:
     test = ctx.dataset(cell.task, cell.seed, "test")
     spec = train.task
     seg = spec.kind == "segmentation"
+    weights = checkpoint_fingerprint(cfg.source) if cfg.is_checkpoint else ""
     cache_key = (
-        f"{cell.model}|{cfg.source}|{json.dumps(cfg.kwargs, sort_keys=True)}|{cfg.router}|"
-        f"{cfg.init_seed}|{cell.variant.key}"
+        f"{cell.model}|{cfg.source}|{weights}|{json.dumps(cfg.kwargs, sort_keys=True)}|"
+        f"{cfg.router}|{cfg.init_seed}|{cell.variant.key}"
     )
     feats = extract_features(
         model,
@@ -490,7 +530,12 @@ def _eval_rows(ctx: _Context, cell: Cell) -> list[dict[str, Any]]:
                              ("effective_dimensionality", "dimensions")):  # fmt: skip
             rows.append(row0 | {"protocol": "features", "metric": metric,
                                 "value": float(getattr(red, metric)), "unit": unit})  # fmt: skip
-    if "specialization" in study.measurements and cell.variant.width is None and _is_moe(model):
+    if (
+        "specialization" in study.measurements
+        and cell.variant.width is None
+        and cell.task == study.tasks[0]
+        and _is_moe(model)
+    ):
         rows += _specialization_rows(model, test, cell, row0)
     if (
         "attribution" in study.measurements
@@ -598,6 +643,9 @@ def run_study(
 ) -> RunSummary:
     """Run every unfinished cell of a study and write the results table.
 
+    Cell files that do not belong to the current grid (an edited study, re-pretrained
+    checkpoint weights) are removed first, so the table always describes this config.
+
     Args:
         study: The validated study.
         fresh: Delete the study's previous cell results (and feature cache) first.
@@ -616,6 +664,12 @@ def run_study(
     save_config(study, study_dir)
     ctx = _Context(study, study_dir)
     cells = plan_grid(study, {label: _model_modalities(ctx.base(label)) for label in study.models})
+    current = {cell.cell_id(study) for cell in cells}
+    stale = finished_cells(study_dir) - current
+    for cid in sorted(stale):  # cells of an earlier config or earlier checkpoint weights
+        cell_path(study_dir, cid).unlink(missing_ok=True)
+    if stale:
+        logger.warning("removed %d cell results that no longer match the study", len(stale))
     ran = skipped = 0
     for i, (cell, cid, done) in enumerate(iter_pending(study, cells)):
         if done:

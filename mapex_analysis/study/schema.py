@@ -96,8 +96,14 @@ def format_validation_error(err: ValidationError, source: str = "study") -> str:
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         got = ""
-        if e["type"] not in ("unknown_key", "missing", "modality_set", "width_range", "unknown_task"):
-            got = f" (got {e['input']!r})"
+        if e["type"] not in (
+            "unknown_key",
+            "missing",
+            "modality_set",
+            "width_range",
+            "unknown_task",
+        ):
+            got = f" (got {e['input']!r})" if repr(e["input"]) not in msg else ""
         lines.append(f"  {_loc(loc)}: {msg}{got}")
     return "\n".join(lines)
 
@@ -117,14 +123,31 @@ class _Strict(BaseModel):
                     raise PydanticCustomError(
                         "unknown_key",
                         "{msg}",
-                        {"key": str(key), "msg": f"unknown key {key!r}; allowed keys: "
-                         + ", ".join(sorted(allowed))},
+                        {
+                            "key": str(key),
+                            "msg": f"unknown key {key!r}; allowed keys: "
+                            + ", ".join(sorted(allowed)),
+                        },
                     )
         return data
 
 
 def _is_checkpoint_ref(source: str) -> bool:
     return "/" in source or source.startswith(".") or Path(source).exists()
+
+
+def _check_widths(v: Any) -> Any:
+    if v is None or v == "paper":
+        return v
+    for i, s in enumerate(v):
+        if not 0.0 < s <= 1.0:
+            raise PydanticCustomError(
+                "width_range",
+                "width {s} is outside (0, 1]; use values in (0, 1] or "
+                '"paper" for the 31-width grid',
+                {"index": i, "s": s},
+            )
+    return v
 
 
 class ModelConfig(_Strict):
@@ -138,6 +161,10 @@ class ModelConfig(_Strict):
             the ``router`` keyword; for checkpoints only a label).
         kwargs: Extra keyword arguments for registry entry points (``depth=2``...).
         init_seed: Seed of the random initialisation of registry models.
+        operators: Which of the study's operators apply to this model (e.g. only ``prune``
+            for router-ablation models).
+        slim_widths: Widths for slimming this model (overrides ``operators.slim.widths``;
+            ``paper`` for the 31-width grid).
     """
 
     source: str
@@ -145,6 +172,13 @@ class ModelConfig(_Strict):
     router: Router | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
     init_seed: int = 0
+    operators: list[Literal["prune", "slim"]] = Field(default=["prune", "slim"])
+    slim_widths: Literal["paper"] | list[float] | None = None
+
+    @field_validator("slim_widths")
+    @classmethod
+    def _slim_widths(cls, v: Any) -> Any:
+        return _check_widths(v)
 
     @field_validator("source")
     @classmethod
@@ -189,11 +223,11 @@ class DataConfig(_Strict):
 
     source: Literal["syntheo"] = "syntheo"
     seed: int = 0
-    img_size: int = Field(32, ge=8)
-    n_train: int = Field(256, ge=10)
-    n_test: int = Field(256, ge=10)
-    clouds: float | None = Field(None, ge=0.0, le=1.0)
-    batch_size: int = Field(256, ge=1)
+    img_size: int = Field(default=32, ge=8)
+    n_train: int = Field(default=256, ge=10)
+    n_test: int = Field(default=256, ge=10)
+    clouds: float | None = Field(default=None, ge=0.0, le=1.0)
+    batch_size: int = Field(default=256, ge=1)
 
 
 ModalitySet = list[str]
@@ -222,15 +256,17 @@ class PruneConfig(_Strict):
         coverage: Routed-token share kept by the ``routing`` strategy.
     """
 
-    sets: list[Literal["each"] | list[str]] = Field(default_factory=lambda: ["each"])
+    sets: list[Literal["each"] | list[str]] = Field(default=["each"])
     strategy: Literal["static", "routing"] = "static"
-    coverage: float = Field(0.99, gt=0.0, le=1.0)
+    coverage: float = Field(default=0.99, gt=0.0, le=1.0)
 
     @field_validator("sets", mode="before")
     @classmethod
     def _sets(cls, v: Any) -> Any:
         if not isinstance(v, list):
-            raise ValueError('sets is a list of "each" and/or modality lists, e.g. [each, [rgb, sar]]')
+            raise ValueError(
+                'sets is a list of "each" and/or modality lists, e.g. [each, [rgb, sar]]'
+            )
         if not v:
             raise ValueError("sets is empty; use [each] or explicit modality lists")
         return v
@@ -282,46 +318,50 @@ class SlimConfig(_Strict):
             (every pruned variant: prune-then-slim).
         modality_sets: Also slim the full model fed each of the prune sets (so a task with
             only those modalities can compare both operators on the same input).
+        pruned_widths: Widths used for prune-then-slim (default: :attr:`widths`), so the
+            composition can use a coarser grid than slimming alone.
         seed: Seed of the ``random`` order.
     """
 
     widths: Literal["paper"] | list[float] = "paper"
-    modes: list[SlimMode] = Field(default_factory=lambda: ["attn+mlp"], min_length=1)
-    orders: list[SlimOrder] = Field(default_factory=lambda: ["first"], min_length=1)
-    apply_to: list[SlimTarget] = Field(default_factory=lambda: ["base"], min_length=1)
+    pruned_widths: Literal["paper"] | list[float] | None = None
+    modes: list[SlimMode] = Field(default=["attn+mlp"], min_length=1)
+    orders: list[SlimOrder] = Field(default=["first"], min_length=1)
+    apply_to: list[SlimTarget] = Field(default=["base"], min_length=1)
     modality_sets: bool = False
     seed: int = 0
 
-    @field_validator("widths", mode="before")
+    @field_validator("widths", "pruned_widths", mode="before")
     @classmethod
     def _widths_type(cls, v: Any) -> Any:
         if isinstance(v, list) and not v:
             raise ValueError('widths is empty; give widths in (0, 1] or "paper"')
         return v
 
-    @field_validator("widths")
+    @field_validator("widths", "pruned_widths")
     @classmethod
     def _widths(cls, v: Any) -> Any:
-        if v == "paper":
-            return v
-        for i, s in enumerate(v):
-            if not 0.0 < s <= 1.0:
-                raise PydanticCustomError(
-                    "width_range",
-                    "width {s} is outside (0, 1]; use values in (0, 1] or "
-                    '"paper" for the 31-width grid',
-                    {"index": i, "s": s},
-                )
-        return v
+        return _check_widths(v)
 
-    def width_list(self) -> list[float]:
-        """Concrete widths, descending (``paper`` expanded to the 31-width grid)."""
-        if self.widths == "paper":
+    def width_list(self, pruned: bool = False, override: Any = None) -> list[float]:
+        """Concrete widths, descending (``paper`` expanded to the 31-width grid).
+
+        Args:
+            pruned: The widths of prune-then-slim (:attr:`pruned_widths`, else :attr:`widths`).
+            override: A model's own ``slim_widths`` (used for ``pruned=False`` when given).
+
+        Returns:
+            The widths.
+        """
+        widths = self.pruned_widths if pruned and self.pruned_widths is not None else self.widths
+        if not pruned and override is not None:
+            widths = override
+        if widths == "paper":
             from mapex_analysis.ops.slim import SLIM_WIDTHS
 
             vals = list(SLIM_WIDTHS)
         else:
-            vals = list(self.widths)
+            vals = list(widths)
         return sorted(set(vals), reverse=True)
 
 
@@ -345,12 +385,15 @@ class LatencyConfig(_Strict):
         warmup: Untimed calls per batch size.
         repeats: Timed calls per batch size (median reported).
         threads: Torch threads during timing (``None``: the current setting).
+        widths: Slimming widths whose variants are timed (``None``: all); every variant
+            without slimming is always timed.
     """
 
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
-    warmup: int = Field(2, ge=0)
-    repeats: int = Field(5, ge=1)
-    threads: int | None = Field(None, ge=1)
+    batch_sizes: list[int] = Field(default=[1, 32], min_length=1)
+    warmup: int = Field(default=2, ge=0)
+    repeats: int = Field(default=5, ge=1)
+    threads: int | None = Field(default=None, ge=1)
+    widths: list[float] | None = None
 
 
 class FinetuneConfig(_Strict):
@@ -362,9 +405,9 @@ class FinetuneConfig(_Strict):
         batch_size: Samples per step.
     """
 
-    epochs: int = Field(3, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
-    batch_size: int = Field(64, ge=1)
+    epochs: int = Field(default=3, ge=1)
+    lr: float = Field(default=1e-3, gt=0.0)
+    batch_size: int = Field(default=64, ge=1)
 
 
 class Study(_Strict):
@@ -380,7 +423,8 @@ class Study(_Strict):
         protocols: ``knn``, ``linear``, ``finetune``.
         knn_k: Neighbours of the k-NN probe.
         seeds: Seeds (data draw and probe initialisation).
-        measurements: What is measured besides the probes.
+        measurements: What is measured besides the probes (``specialization`` on the first
+            task only: routing depends on the scenes, not on the label).
         latency: :class:`LatencyConfig`.
         finetune: :class:`FinetuneConfig`.
         attribution_samples: Test samples explained per cell by modality attribution.
@@ -391,17 +435,17 @@ class Study(_Strict):
     name: str
     description: str = ""
     models: dict[str, ModelConfig] = Field(min_length=1)
-    data: DataConfig = Field(default_factory=DataConfig)  # type: ignore[arg-type]
+    data: DataConfig = DataConfig()
     tasks: list[str] = Field(min_length=1)
-    operators: OperatorsConfig = Field(default_factory=OperatorsConfig)
-    protocols: list[Protocol] = Field(default_factory=lambda: ["knn", "linear"], min_length=1)
-    knn_k: int = Field(5, ge=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    measurements: list[Measurement] = Field(default_factory=lambda: ["macs", "params"])
-    latency: LatencyConfig = Field(default_factory=LatencyConfig)
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
-    attribution_samples: int = Field(64, ge=2)
-    retention_target: float = Field(0.95, gt=0.0, le=1.0)
+    operators: OperatorsConfig = OperatorsConfig()
+    protocols: list[Protocol] = Field(default=["knn", "linear"], min_length=1)
+    knn_k: int = Field(default=5, ge=1)
+    seeds: list[int] = Field(default=[0], min_length=1)
+    measurements: list[Measurement] = Field(default=["macs", "params"])
+    latency: LatencyConfig = LatencyConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    attribution_samples: int = Field(default=64, ge=2)
+    retention_target: float = Field(default=0.95, gt=0.0, le=1.0)
     output_dir: str = "reports"
 
     @field_validator("name")

@@ -57,9 +57,9 @@ class DataConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    n: int = Field(4000, ge=1)
+    n: int = Field(default=4000, ge=1)
     seed: int = 0
-    img_size: int = Field(32, ge=1)
+    img_size: int = Field(default=32, ge=1)
     modalities: list[str] | None = None
     cache_dir: str | None = None
 
@@ -98,27 +98,27 @@ class PretrainConfig(BaseModel):
     name: str
     model: str
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    data: DataConfig = Field(default_factory=DataConfig)
-    mask_ratio: float = Field(0.75, ge=0.0, lt=1.0)
-    decoder_dim: int = Field(64, ge=4)
-    decoder_depth: int = Field(2, ge=1)
-    decoder_heads: int = Field(2, ge=1)
+    data: DataConfig = DataConfig()
+    mask_ratio: float = Field(default=0.75, ge=0.0, lt=1.0)
+    decoder_dim: int = Field(default=64, ge=4)
+    decoder_depth: int = Field(default=2, ge=1)
+    decoder_heads: int = Field(default=2, ge=1)
     norm_pix_loss: bool = False
-    aux_weight: float = Field(0.01, ge=0.0)
-    batch_size: int = Field(64, ge=1)
-    max_steps: int = Field(1000, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.05, ge=0.0)
-    warmup_steps: int = Field(50, ge=0)
+    aux_weight: float = Field(default=0.01, ge=0.0)
+    batch_size: int = Field(default=64, ge=1)
+    max_steps: int = Field(default=1000, ge=1)
+    lr: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=0.05, ge=0.0)
+    warmup_steps: int = Field(default=50, ge=0)
     seed: int = 0
     output_dir: str = "models/unnamed"
     run_dir: str = "reports/pretrain"
     devices: int | str = "auto"
-    num_nodes: int = Field(1, ge=1)
+    num_nodes: int = Field(default=1, ge=1)
     accelerator: str = "auto"
     precision: str = "32-true"
-    num_workers: int = Field(0, ge=0)
-    log_every_n_steps: int = Field(10, ge=1)
+    num_workers: int = Field(default=0, ge=0)
+    log_every_n_steps: int = Field(default=10, ge=1)
 
     @field_validator("model")
     @classmethod
@@ -254,7 +254,8 @@ class MAEPretrainModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         """AdamW (no decay on biases, norms and embeddings) with warm-up + cosine schedule."""
-        decay, no_decay = [], []
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue

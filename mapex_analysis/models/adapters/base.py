@@ -59,6 +59,9 @@ __all__ = [
     "Normalization",
     "WeightsError",
     "WeightsReport",
+    "build",
+    "capture_points",
+    "download_state_dict",
     "project_normalization",
     "read_state_dict",
     "resolve_torchgeo_weights",
@@ -242,6 +245,7 @@ class Adapter(nn.Module):
     """
 
     family: ClassVar[str] = "adapter"
+    model: nn.Module
     variable_bands: ClassVar[bool] = False
     optional_keys: ClassVar[frozenset[str]] = frozenset()
     unused_keys: ClassVar[frozenset[str]] = frozenset()
@@ -297,9 +301,12 @@ class Adapter(nn.Module):
     def input_bands(self, x: Mapping[str, Tensor]) -> tuple[str, ...]:
         """The bands fed to the upstream model for the modalities present in ``x``.
 
+        A ``"label"`` key (as datasets yield it) is ignored.
+
         Raises:
             ModalityError: for an empty dict or a modality this model does not accept.
         """
+        x = {k: v for k, v in x.items() if k != "label"}
         if not x:
             raise ModalityError(f"empty input; {self._expected()}")
         unknown = [m for m in x if m not in self.modalities]
@@ -328,10 +335,12 @@ class Adapter(nn.Module):
 
         Raises:
             ModalityError: for an unaccepted modality.
-            BandError: for a band-count mismatch, different spatial shapes, or (fixed-band
+            BandError: for a band-count mismatch, different batch sizes, or (fixed-band
                 models, no fill policy) bands the model needs that no fed modality carries.
+            ValueError: for an image size other than ``img_size``.
         """
         bands = self.input_bands(x)
+        x = {k: v for k, v in x.items() if k != "label"}
         by_band: dict[str, Tensor] = {}
         shape: tuple[int, ...] | None = None
         for m, t in x.items():
@@ -347,6 +356,11 @@ class Adapter(nn.Module):
                     f"other modalities {shape}"
                 )
             shape = (t.shape[0], *t.shape[2:])
+            if tuple(int(s) for s in t.shape[2:]) != (self.img_size, self.img_size):
+                raise ValueError(
+                    f"modality {m!r} has size {tuple(t.shape[2:])}; {type(self).__name__} "
+                    f"expects {(self.img_size, self.img_size)}"
+                )
             for i, b in enumerate(names):
                 by_band.setdefault(b, t[:, i])
         missing = [b for b in bands if b not in by_band]
@@ -359,7 +373,7 @@ class Adapter(nn.Module):
         ref = next(iter(x.values()))
         mean, std = self.normalization.stats(bands)
         chans = []
-        for b, mu in zip(bands, mean, strict=True):
+        for b in bands:
             if b in by_band:
                 chans.append(by_band[b])
             else:
@@ -395,12 +409,24 @@ class Adapter(nn.Module):
         tokens, pooled = self._upstream_tokens(x)
         return pooled if pooled is not None else self.forward_head(tokens)
 
+    @property
+    def blocks(self) -> nn.ModuleList | nn.Sequential:
+        """The upstream model's transformer blocks.
+
+        A view onto ``self.model`` (not registered a second time, so state-dict keys stay
+        unique).
+
+        Raises:
+            AttributeError: if the upstream model has no ``blocks``.
+        """
+        blocks = getattr(self.model, "blocks", None)
+        if not isinstance(blocks, nn.ModuleList | nn.Sequential):
+            raise AttributeError(f"{type(self).__name__} wraps no upstream `blocks`")
+        return blocks
+
     def _intermediate_points(self) -> list[tuple[nn.Module, Literal["in", "out"]]]:
         """Where the output of block ``i`` is read: (module, ``"out"`` of it or ``"in"``)."""
-        blocks = getattr(self, "blocks", None)
-        if blocks is None:
-            raise TypeError(f"{type(self).__name__} exposes no blocks")
-        return [(b, "out") for b in blocks]
+        return [(b, "out") for b in self.blocks]
 
     @property
     def depth(self) -> int:
@@ -436,7 +462,7 @@ class Adapter(nn.Module):
                 raise IndexError(f"block index {i} out of range for depth {depth}")
         idx = [i % depth for i in idx]
         store: dict[int, Tensor] = {}
-        with _capture(points, set(idx), store):
+        with capture_points(points, set(idx), store):
             self._upstream_tokens(x)
         return [store[i] for i in idx]
 
@@ -492,7 +518,11 @@ class Adapter(nn.Module):
             raise WeightsError(
                 f"{source}: does not match {type(self).__name__} ({type(target).__name__} "
                 f"keys): missing keys {hard_missing}, unexpected keys {unexpected}"
-                + (" (a misspelled key shows up in both lists)" if hard_missing and unexpected else "")
+                + (
+                    " (a misspelled key shows up in both lists)"
+                    if hard_missing and unexpected
+                    else ""
+                )
             )
         bad = [
             f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -518,12 +548,21 @@ class Adapter(nn.Module):
 
 
 @contextmanager
-def _capture(
+def capture_points(
     points: Sequence[tuple[nn.Module, Literal["in", "out"]]],
     wanted: set[int],
     store: dict[int, Tensor],
 ) -> Any:
-    """Forward (pre-)hooks storing the tensor read at each wanted point."""
+    """Context manager: forward (pre-)hooks that store the tensor read at each wanted point.
+
+    Args:
+        points: ``(module, "in" | "out")`` per index: the module's first input or its output.
+        wanted: Indices of ``points`` to record.
+        store: Filled with ``{index: tensor}`` while the context is active.
+
+    Yields:
+        ``store``; the hooks are removed on exit.
+    """
     handles = []
 
     def make(i: int, where: str) -> Callable[..., None]:
@@ -547,9 +586,7 @@ def _capture(
             h.remove()
 
 
-def build(
-    cls: Callable[..., Adapter], weights: str | Path | None, **kwargs: Any
-) -> Adapter:
+def build(cls: Callable[..., Adapter], weights: str | Path | None, **kwargs: Any) -> Adapter:
     """Construct an adapter and load ``weights`` when given (entry-point helper).
 
     Raises:

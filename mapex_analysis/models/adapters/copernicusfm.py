@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchgeo.models import CopernicusFM
 from torchgeo.models.copernicusfm import CopernicusFM_Base_Weights
 
@@ -32,8 +32,8 @@ from mapex_analysis.modalities import bands_of, get_band, wavelengths
 from mapex_analysis.models.adapters.base import (
     Adapter,
     FillPolicy,
-    _capture,
     build,
+    capture_points,
     project_normalization,
 )
 from mapex_analysis.models.registry import register_model
@@ -67,6 +67,7 @@ class CopernicusFMAdapter(Adapter):
     """
 
     family = "copernicusfm"
+    model: CopernicusFM
     variable_bands = True
     optional_keys = frozenset({"fc_norm.weight", "fc_norm.bias"})
 
@@ -107,7 +108,6 @@ class CopernicusFMAdapter(Adapter):
             num_classes=0,
             global_pool=True,
         )
-        self.blocks: nn.ModuleList = self.model.blocks
         self.weight_enums = tuple(CopernicusFM_Base_Weights)
 
     def spectral_inputs(self, bands: Sequence[str]) -> tuple[list[float], list[float]]:
@@ -132,7 +132,7 @@ class CopernicusFMAdapter(Adapter):
         metadata = torch.full((inp.shape[0], 4), float("nan"), device=inp.device)  # unknown
         store: dict[int, Tensor] = {}
         last = len(self.blocks) - 1
-        with _capture([(b, "out") for b in self.blocks], {last}, store):
+        with capture_points([(b, "out") for b in self.blocks], {last}, store):
             pooled = self.model(
                 inp, metadata, wavelengths=wl_nm, bandwidths=bw_nm, input_mode="spectral"
             )

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 from torchgeo.models import DOFA
 from torchgeo.models.dofa import DOFABase16_Weights, DOFALarge16_Weights
 
@@ -27,8 +27,8 @@ from mapex_analysis.modalities import bands_of, wavelengths
 from mapex_analysis.models.adapters.base import (
     Adapter,
     FillPolicy,
-    _capture,
     build,
+    capture_points,
     project_normalization,
 )
 from mapex_analysis.models.registry import register_model
@@ -54,6 +54,7 @@ class DOFAAdapter(Adapter):
     """
 
     family = "dofa"
+    model: DOFA
     variable_bands = True
     #: DOFA's MAE checkpoints have no fc_norm (torchgeo's loader allows the same).
     optional_keys = frozenset({"fc_norm.weight", "fc_norm.bias"})
@@ -91,7 +92,6 @@ class DOFAAdapter(Adapter):
             num_classes=0,
             global_pool=True,
         )
-        self.blocks: nn.ModuleList = self.model.blocks
         self.weight_enums = (*DOFABase16_Weights, *DOFALarge16_Weights)
 
     def _upstream_tokens(self, x: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -99,7 +99,7 @@ class DOFAAdapter(Adapter):
         wl_um = wavelengths(bands, unit="um")
         store: dict[int, Tensor] = {}
         last = len(self.blocks) - 1
-        with _capture([(b, "out") for b in self.blocks], {last}, store):
+        with capture_points([(b, "out") for b in self.blocks], {last}, store):
             pooled = self.model(inp, wavelengths=wl_um)  # (B, D); head is Identity
         return store[last], pooled
 

@@ -30,8 +30,8 @@ from mapex_analysis.modalities import bands_of, get_band, wavelengths
 from mapex_analysis.models.adapters.base import (
     Adapter,
     FillPolicy,
-    _capture,
     build,
+    capture_points,
     project_normalization,
 )
 from mapex_analysis.models.registry import register_model
@@ -56,6 +56,7 @@ class PanopticonAdapter(Adapter):
     """
 
     family = "panopticon"
+    model: Panopticon
     variable_bands = True
     #: Panopticon's teacher checkpoint stores a DINOv2 mask token the encoder never uses.
     unused_keys = frozenset({"mask_token"})
@@ -80,11 +81,17 @@ class PanopticonAdapter(Adapter):
             fill=fill,
         )
         self.model = Panopticon(attn_dim=attn_dim, embed_dim=768, img_size=img_size)
-        vit = self.model.model
+        vit: Any = self.model.model  # a timm VisionTransformer (typed nn.Module upstream)
         self.num_features = int(vit.num_features)
         self.embed_dim = self.num_features
-        self.blocks: nn.Sequential = vit.blocks
         self.weight_enums = tuple(Panopticon_Weights)
+
+    @property
+    def blocks(self) -> nn.ModuleList | nn.Sequential:
+        """The DINOv2 backbone's timm ``Block``s (a view onto ``self.model``)."""
+        vit: Any = self.model.model
+        blocks: nn.Sequential = vit.blocks
+        return blocks
 
     def channel_ids(self, bands: Sequence[str]) -> list[float]:
         """Panopticon channel ids of ``bands``: wavelength in nm, or the SAR code."""
@@ -98,7 +105,8 @@ class PanopticonAdapter(Adapter):
         ids = torch.tensor(self.channel_ids(bands), dtype=inp.dtype, device=inp.device)
         chn_ids = ids.unsqueeze(0).expand(inp.shape[0], -1).clone()  # (B, C); mutated upstream
         store: dict[int, Tensor] = {}
-        with _capture([(self.model.model.norm, "out")], {0}, store):
+        vit: Any = self.model.model
+        with capture_points([(vit.norm, "out")], {0}, store):
             pooled = self.model({"imgs": inp, "chn_ids": chn_ids})  # (B, 768)
         return store[0], pooled
 
@@ -112,7 +120,9 @@ class PanopticonAdapter(Adapter):
         Returns:
             ``(B, D)``.
         """
-        return self.model.model.forward_head(tokens, pre_logits=True)
+        vit: Any = self.model.model
+        out: Tensor = vit.forward_head(tokens, pre_logits=True)
+        return out
 
     def _upstream_state_target(self) -> nn.Module:
         vit: nn.Module = self.model.model
@@ -121,7 +131,8 @@ class PanopticonAdapter(Adapter):
     def _prepare_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         # The published weights are at 518 px; torchgeo resizes the position embedding.
         pos = state.get("pos_embed")
-        own = self.model.model.pos_embed
+        vit: Any = self.model.model
+        own = vit.pos_embed
         if pos is not None and pos.dim() == 3 and pos.shape[-1] == own.shape[-1]:
             old = int(round((pos.shape[1] - 1) ** 0.5))
             new = self.img_size // _PATCH

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from mapex_analysis.modalities import DEFAULT_MODALITIES, bands_of
 from mapex_analysis.models.adapters.base import Adapter, build, project_normalization
@@ -45,6 +45,7 @@ class SatMAEAdapter(Adapter):
     """
 
     family = "satmae"
+    model: GroupChannelViT
     variable_bands = True
 
     def __init__(
@@ -78,7 +79,6 @@ class SatMAEAdapter(Adapter):
             mlp_ratio=mlp_ratio,
             pool="cls",
         )
-        self.blocks: nn.ModuleList = self.model.blocks
 
     def _upstream_tokens(self, x: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         self.input_bands(x)  # names the accepted modalities and bands on a bad key

@@ -84,8 +84,10 @@ class ScaleMAEAdapter(TimmViTAdapter):
     def _prepare_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         # A checkpoint at another image size: torchgeo's own position-embedding interpolation.
         pos = state.get("pos_embed")
-        if pos is not None and tuple(pos.shape) != tuple(self.model.pos_embed.shape):
-            state = interpolate_pos_embed(self.model, dict(state))
+        own: Any = self.model.pos_embed
+        if pos is not None and tuple(pos.shape) != tuple(own.shape):
+            model: Any = self.model
+            state = interpolate_pos_embed(model, dict(state))
         return state
 
 

@@ -73,7 +73,7 @@ class SSL4EOViTAdapter(TimmViTAdapter):
             raise ValueError(f"unknown sensor {sensor!r}; valid: 's2', 's1'")
         bands = S2_BANDS if sensor == "s2" else S1_BANDS
         modalities = ("rgb", "red_edge", "nir", "swir") if sensor == "s2" else ("sar",)
-        model = tg_vit_small(None, in_chans=len(bands), num_classes=0, **timm_kwargs)
+        model: Any = tg_vit_small(None, in_chans=len(bands), num_classes=0, **timm_kwargs)
         super().__init__(
             modalities=modalities,
             bands=bands,
@@ -88,9 +88,10 @@ class SSL4EOViTAdapter(TimmViTAdapter):
         self.sensor = sensor
         self._init_vit(model)
         self.weight_enums = tuple(
-            w for w in ViTSmall16_Weights if tuple(w.meta.get("bands", ())) == tuple(
-                _sentinel2_toa_bands if sensor == "s2" else _sentinel1_grd_bands
-            )
+            w
+            for w in list(ViTSmall16_Weights)  # type: ignore[call-overload]
+            if tuple(w.meta.get("bands", ()))
+            == tuple(_sentinel2_toa_bands if sensor == "s2" else _sentinel1_grd_bands)
         )
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import timm
 from timm.models.vision_transformer import VisionTransformer
-from torch import Tensor, nn
+from torch import Tensor
 
 from mapex_analysis.modalities import bands_of
 from mapex_analysis.models.adapters.base import (
@@ -50,6 +50,7 @@ class TimmViTAdapter(Adapter):
     """
 
     family = "timm"
+    model: VisionTransformer
     #: A checkpoint may lack the final norm / classifier (encoders saved without them).
     optional_keys = frozenset({"norm.weight", "norm.bias", "fc_norm.weight", "fc_norm.bias"})
     #: A classifier in the checkpoint is dropped: adapters are built without one.
@@ -57,7 +58,6 @@ class TimmViTAdapter(Adapter):
 
     def _init_vit(self, model: VisionTransformer) -> None:
         self.model = model
-        self.blocks: nn.ModuleList | nn.Sequential = model.blocks
 
     @staticmethod
     def _pool_of(model: VisionTransformer) -> str:

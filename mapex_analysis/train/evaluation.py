@@ -1,0 +1,151 @@
+"""What pretraining bought: k-NN accuracy vs random init, and router specialisation.
+
+:func:`evaluate_pretraining` loads a pretrained checkpoint, builds the same architecture with
+random initialisation, extracts frozen pooled features of both on SynthEO land cover
+(:func:`mapex_analysis.eval.extract_features`) and scores a k-NN probe (k = 5,
+:func:`mapex_analysis.eval.probes.knn_probe`). For MoE models it also sums the routing counts
+over the land-cover test scenes (:func:`mapex_analysis.measure.specialization.collect_routing`)
+and reports, per modality, the share of its routed assignments that land on its most used
+expert(s) (:func:`top_expert_share`), averaged over the MoE layers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["PretrainEvaluation", "evaluate_pretraining", "top_expert_share"]
+
+logger = logging.getLogger(__name__)
+
+
+def top_expert_share(counts: Any, top: int = 1) -> np.ndarray:
+    """Share of each modality's routed assignments on its ``top`` most used experts.
+
+    Args:
+        counts: ``(M, E)`` counts (tokens of modality ``m`` routed to expert ``e``).
+        top: How many experts (per modality, its own most used ones).
+
+    Returns:
+        ``(M,)`` shares in [0, 1]; NaN for a modality without tokens. A uniform router over
+        ``E`` experts gives ``top / E``.
+
+    Raises:
+        ValueError: if ``counts`` is not 2-D or ``top`` is not in ``[1, E]``.
+    """
+    c = np.asarray(counts.cpu() if isinstance(counts, torch.Tensor) else counts, dtype=float)
+    if c.ndim != 2:
+        raise ValueError(f"counts must be (modalities, experts), got shape {c.shape}")
+    if not 1 <= top <= c.shape[1]:
+        raise ValueError(f"top must be in [1, {c.shape[1]}], got {top}")
+    totals = c.sum(axis=1)
+    best = -np.sort(-c, axis=1)[:, :top].sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, best / np.where(totals > 0, totals, 1), np.nan)
+
+
+@dataclass
+class PretrainEvaluation:
+    """Result of :func:`evaluate_pretraining`.
+
+    Attributes:
+        checkpoint: The evaluated checkpoint directory.
+        knn_pretrained: k-NN test accuracy of the pretrained features.
+        knn_random: k-NN test accuracy of the random-initialised features.
+        k: Neighbours.
+        n_train: Training scenes of the probe.
+        n_test: Test scenes of the probe.
+        top1_share: Modality -> mean over MoE layers of the share on its top-1 expert.
+        top2_share: Modality -> mean over MoE layers of the share on its top-2 experts.
+        num_experts: Routed experts per MoE layer (0 for dense models).
+    """
+
+    checkpoint: str
+    knn_pretrained: float
+    knn_random: float
+    k: int
+    n_train: int
+    n_test: int
+    top1_share: dict[str, float] = field(default_factory=dict)
+    top2_share: dict[str, float] = field(default_factory=dict)
+    num_experts: int = 0
+
+    @property
+    def margin(self) -> float:
+        """``knn_pretrained - knn_random`` (accuracy points as a fraction)."""
+        return self.knn_pretrained - self.knn_random
+
+
+def evaluate_pretraining(
+    checkpoint: str | Path,
+    *,
+    n_train: int = 1000,
+    n_test: int = 500,
+    k: int = 5,
+    seed: int = 0,
+    batch_size: int = 250,
+    cache_dir: str | Path | None = None,
+) -> PretrainEvaluation:
+    """Compare a pretrained checkpoint with its random-initialised twin.
+
+    Args:
+        checkpoint: A checkpoint directory written by ``save_model`` (e.g. ``models/mapex_tiny``).
+        n_train: SynthEO land-cover training scenes (seed ``seed``).
+        n_test: SynthEO land-cover test scenes.
+        k: Neighbours of the k-NN probe.
+        seed: SynthEO seed and the random twin's initialisation seed.
+        batch_size: Scenes per forward pass.
+        cache_dir: SynthEO cache directory (``None``: its default).
+
+    Returns:
+        :class:`PretrainEvaluation`.
+
+    Raises:
+        CheckpointError: for a missing or corrupted checkpoint.
+    """
+    from mapex_analysis.data import SynthEO
+    from mapex_analysis.eval.features import extract_features
+    from mapex_analysis.eval.probes import knn_probe
+    from mapex_analysis.measure.specialization import collect_routing
+    from mapex_analysis.models.checkpoint import load_model
+    from mapex_analysis.models.registry import create_model
+
+    pretrained: Any = load_model(checkpoint)
+    spec = pretrained.model_spec
+    torch.manual_seed(seed)
+    random_init = create_model(spec["name"], **spec["kwargs"]).eval()
+    mods: tuple[str, ...] = tuple(pretrained.modalities)
+    img = int(pretrained.img_size)
+    splits = {
+        s: SynthEO("landcover", s, seed=seed, n=n, modalities=mods, img_size=img,
+                   cache_dir=cache_dir)
+        for s, n in (("train", n_train), ("test", n_test))
+    }  # fmt: skip
+    acc: dict[str, float] = {}
+    for name, model in (("pretrained", pretrained), ("random", random_init)):
+        feats = extract_features(model, splits, modalities=mods, batch_size=batch_size)
+        res = knn_probe(feats.train.X, feats.train.y, feats.test.X, feats.test.y, k=k)
+        acc[name] = float(res.metrics["accuracy"])
+        logger.info("%s %s: k-NN (k=%d) accuracy %.4f", checkpoint, name, k, acc[name])
+    out = PretrainEvaluation(str(checkpoint), acc["pretrained"], acc["random"], k, n_train, n_test)
+    has_moe = any(hasattr(b.mlp, "experts") for b in getattr(pretrained, "blocks", []))
+    if has_moe:
+        layers = [
+            c
+            for c in collect_routing(
+                pretrained, splits["test"].arrays(), modalities=mods, batch_size=batch_size
+            )
+            if c is not None
+        ]
+        top1 = np.nanmean([top_expert_share(c.counts, 1) for c in layers], axis=0)
+        e = layers[0].counts.shape[1]
+        top2 = np.nanmean([top_expert_share(c.counts, min(2, e)) for c in layers], axis=0)
+        out.top1_share = {m: float(v) for m, v in zip(mods, top1, strict=True)}
+        out.top2_share = {m: float(v) for m, v in zip(mods, top2, strict=True)}
+        out.num_experts = int(e)
+    return out

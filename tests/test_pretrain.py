@@ -1,0 +1,212 @@
+"""Masked-autoencoding pretraining: objective, Lightning run, CLI, DDP, committed checkpoints."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from pydantic import ValidationError
+
+from mapex_analysis.cli import main
+from mapex_analysis.data import SynthEO
+from mapex_analysis.models.checkpoint import load_model
+from mapex_analysis.models.mae import MaskedAutoencoder, patchify
+from mapex_analysis.models.registry import UnknownModelError, create_model
+from mapex_analysis.train.evaluation import evaluate_pretraining, top_expert_share
+from mapex_analysis.train.pretrain import PretrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _scenes(tmp_path: Path, n: int = 8, modalities: tuple[str, ...] | None = None):
+    ds = SynthEO("pretrain", n=n, img_size=16, modalities=modalities, cache_dir=tmp_path)
+    return {m: torch.from_numpy(a) for m, a in ds.arrays().items()}
+
+
+def _config(tmp_path: Path, **over: object) -> dict:
+    cfg = {
+        "name": "t",
+        "model": "mapex_test",
+        "data": {"n": 32, "img_size": 16, "cache_dir": str(tmp_path / "cache")},
+        "batch_size": 8,
+        "max_steps": 2,
+        "warmup_steps": 1,
+        "output_dir": str(tmp_path / "out"),
+        "run_dir": str(tmp_path / "runs"),
+        "accelerator": "cpu",
+        "devices": 1,
+    }
+    cfg.update(over)
+    return cfg
+
+
+def test_patchify_layout() -> None:
+    x = torch.arange(32.0).reshape(1, 2, 4, 4)
+    p = patchify(x, 2)
+    # 2x2 grid of 2x2 patches, channel-first: patch 0 = ch0 [0, 1, 4, 5] + ch1 [16, 17, 20, 21]
+    assert p.shape == (1, 4, 8)
+    assert p[0, 0].tolist() == [0, 1, 4, 5, 16, 17, 20, 21]
+    assert p[0, 3].tolist() == [10, 11, 14, 15, 26, 27, 30, 31]
+    with pytest.raises(ValueError, match=r"patch size 3 does not divide image size \(4, 4\)"):
+        patchify(x, 3)
+
+
+def test_mae_masks_three_quarters_of_all_tokens(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(create_model("mapex_test"), mask_ratio=0.75)
+    out = mae(_scenes(tmp_path))
+    # 6 modalities x (16/8)^2 = 24 tokens; keep int(24 * 0.25) = 6, mask 18 per scene
+    assert out.mask.shape == (8, 24)
+    assert out.mask.sum(1).tolist() == [18.0] * 8
+    assert set(out.per_modality) == {"rgb", "red_edge", "nir", "swir", "sar", "ele"}
+    expected = torch.stack(list(out.per_modality.values())).mean()
+    assert torch.allclose(out.recon_loss.detach(), expected)
+    assert torch.allclose(out.loss, out.recon_loss + 0.01 * out.aux_loss)
+
+
+def test_mae_on_a_modality_subset_with_the_dense_vit(tmp_path: Path) -> None:
+    mae = MaskedAutoencoder(create_model("vit_mae_test"), mask_ratio=0.5)
+    out = mae(_scenes(tmp_path, modalities=("rgb", "sar")))
+    # 2 modalities x 4 patches = 8 tokens, half masked; a dense encoder has no aux loss
+    assert out.mask.sum(1).tolist() == [4.0] * 8
+    assert set(out.per_modality) == {"rgb", "sar"}
+    assert out.aux_loss.item() == 0.0
+
+
+def test_mae_loss_falls_when_fitting_a_fixed_batch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(create_model("mapex_test"))
+    x = _scenes(tmp_path)
+    opt = torch.optim.AdamW(mae.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = mae(x).recon_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_config_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(UnknownModelError, match="unknown model 'mapex_huge'; registered models:"):
+        PretrainConfig.model_validate(_config(tmp_path, model="mapex_huge"))
+    with pytest.raises(ValidationError, match="max_step\n  Extra inputs are not permitted"):
+        PretrainConfig.model_validate(_config(tmp_path, max_step=3))
+
+
+def test_cli_pretrain_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(tmp_path, max_steps=50)))
+    out = tmp_path / "ckpt"
+    res = CliRunner().invoke(
+        main, ["pretrain", str(cfg_path), "--max-steps", "2", "--output-dir", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    assert "t: 2 steps, final loss" in res.output
+    card = (out / "README.md").read_text()
+    assert "- steps: 2" in card
+    assert f"mapex-study pretrain {cfg_path} --max-steps 2 --output-dir {out}" in card
+    model = load_model(out)
+    assert model.model_spec == {"name": "mapex_test", "kwargs": {}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_ranks_hold_identical_weights(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, max_steps=3, devices=2)
+    script = tmp_path / "ddp_run.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import lightning as L, torch
+            from mapex_analysis.train.pretrain import PretrainConfig, pretrain
+
+            class Dump(L.Callback):
+                def _save(self, trainer, module, tag):
+                    sd = {{k: v.detach().clone() for k, v in module.mae.state_dict().items()}}
+                    torch.save(sd, f"{tmp_path}/{{tag}}_rank{{trainer.global_rank}}.pt")
+                def on_train_start(self, trainer, module):
+                    self._save(trainer, module, "start")
+                def on_train_end(self, trainer, module):
+                    self._save(trainer, module, "end")
+
+            if __name__ == "__main__":
+                cfg = PretrainConfig.model_validate({cfg!r})
+                res = pretrain(cfg, callbacks=[Dump()], progress_bar=False)
+                print("steps", res.steps, "backend", torch.distributed.get_backend()
+                      if torch.distributed.is_initialized() else "none")
+            """
+        )
+    )
+    # generate the scenes once so the two ranks only read the cache
+    SynthEO("pretrain", n=32, img_size=16, cache_dir=tmp_path / "cache")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()))
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "steps 3 backend gloo" in proc.stdout
+    ends = [torch.load(tmp_path / f"end_rank{r}.pt") for r in (0, 1)]
+    start = torch.load(tmp_path / "start_rank0.pt")
+    assert set(ends[0]) == set(ends[1])
+    for k in ends[0]:
+        assert torch.equal(ends[0][k], ends[1][k]), k
+    # and training moved the weights
+    assert not torch.equal(start["encoder.cls_token"], ends[0]["encoder.cls_token"])
+
+
+def test_top_expert_share() -> None:
+    counts = torch.tensor([[8, 2, 0], [3, 3, 3], [0, 0, 0]])
+    share = top_expert_share(counts, top=1)
+    # 8 / 10, 3 / 9, no tokens
+    assert share[0] == pytest.approx(0.8) and share[1] == pytest.approx(1 / 3)
+    assert torch.isnan(torch.tensor(share[2]))
+    assert top_expert_share(counts, top=2)[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"top must be in \[1, 3\], got 4"):
+        top_expert_share(counts, top=4)
+
+
+@pytest.fixture(scope="module")
+def committed_eval():
+    """k-NN (k=5) and routing of the committed models/mapex_tiny (1000 train, 500 test scenes)."""
+    return evaluate_pretraining(REPO / "models" / "mapex_tiny", n_train=1000, n_test=500)
+
+
+@pytest.mark.slow
+def test_committed_mapex_tiny_router_specialised(committed_eval) -> None:
+    # 6 routed experts: a uniform router puts 1/6 on the top-1 and 2/6 on the top-2 experts;
+    # measured (300 steps): top-2 share 0.56 (swir) to 0.81 (sar) of every modality's tokens
+    assert committed_eval.num_experts == 6
+    assert set(committed_eval.top2_share) == {"rgb", "red_edge", "nir", "swir", "sar", "ele"}
+    for m, share in committed_eval.top2_share.items():
+        assert share > 0.5, (m, committed_eval.top2_share)
+    for m, share in committed_eval.top1_share.items():
+        assert share > 1 / 6 + 0.1, (m, committed_eval.top1_share)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="known shortfall: after 300 CPU steps the MAE features score 0.598 vs 0.702 for "
+    "random init on SynthEO land-cover k-NN (1000 steps + norm_pix_loss: 0.612 vs 0.708)",
+)
+def test_committed_mapex_tiny_beats_random_init_on_knn(committed_eval) -> None:
+    assert committed_eval.knn_pretrained - committed_eval.knn_random >= 0.05, (
+        committed_eval.knn_pretrained,
+        committed_eval.knn_random,
+    )

@@ -1,0 +1,106 @@
+"""Report: retention / relative MACs / Pareto front from a hand-made table, and the HTML page."""
+
+from __future__ import annotations
+
+import json
+import re
+from html import unescape
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mapex_analysis.report import modality_findings, render_report
+from mapex_analysis.report.figures import pareto_front, probe_summary
+from mapex_analysis.study.results import read_results, write_cell
+
+# (model, role, variant, operator, prune, width, modalities, MACs, k-NN accuracy)
+ROWS = [
+    ("m", "mapex", "base", "none", "", 1.0, "rgb+sar", 1000, 0.80),
+    ("m", "mapex", "base", "none", "", 1.0, "sar", 400, 0.60),
+    ("m", "mapex", "prune[sar]", "prune", "sar", 1.0, "sar", 380, 0.60),
+    ("m", "mapex", "prune[sar]+slim[0.5,attn+mlp,first]", "prune+slim", "sar", 0.5, "sar", 200,
+     0.58),
+    ("m", "mapex", "slim[0.5,attn+mlp,first]", "slim", "", 0.5, "rgb+sar", 600, 0.70),
+    ("d", "dense", "base", "none", "", 1.0, "rgb+sar", 900, 0.75),
+    ("d", "dense", "base", "none", "", 1.0, "sar", 350, 0.50),
+    ("d", "dense", "slim[0.5,attn+mlp,first]", "slim", "", 0.5, "rgb+sar", 500, 0.74),
+]  # fmt: skip
+
+
+def write_table(folder: Path) -> None:
+    """A two-model study table written as cell files (one per row pair)."""
+    for i, (model, role, variant, op, prune, width, mods, macs, acc) in enumerate(ROWS):
+        common = dict(study="hand", model=model, role=role, variant=variant, operator=op,
+                      prune=prune, width=width, modalities=mods)  # fmt: skip
+        write_cell(folder, f"c{i}", [
+            common | dict(protocol="cost", metric="macs", value=float(macs), unit="MACs"),
+            common | dict(protocol="cost", metric="params_total", value=1e4 * width,
+                          unit="parameters"),
+            common | dict(task="landcover", seed=0, protocol="knn", metric="accuracy",
+                          value=acc, unit="fraction"),
+        ])  # fmt: skip
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> pd.DataFrame:
+    write_table(tmp_path)
+    (tmp_path / "config.resolved.yaml").write_text("name: hand\nretention_target: 0.95\n")
+    return read_results(tmp_path)
+
+
+def test_summary_retention_and_relative_macs(table: pd.DataFrame) -> None:
+    s = probe_summary(table).set_index(["model", "variant", "modalities"])
+    ps = s.loc[("m", "prune[sar]+slim[0.5,attn+mlp,first]", "sar")]
+    assert ps["retention"] == pytest.approx(0.58 / 0.60)  # vs m base fed sar = 0.9667
+    assert ps["rel_macs"] == pytest.approx(200 / 1000)  # vs m base fed rgb+sar
+    assert s.loc[("d", "slim[0.5,attn+mlp,first]", "rgb+sar"), "rel_macs"] == pytest.approx(
+        500 / 900
+    )
+    assert s.loc[("m", "slim[0.5,attn+mlp,first]", "rgb+sar"), "retention"] == pytest.approx(
+        0.70 / 0.80
+    )
+
+
+def test_pareto_front_by_hand(table: pd.DataFrame) -> None:
+    s = probe_summary(table)
+    front = pareto_front(s, "rel_macs", "value")
+    # Sorted by cost: (0.2, .58) (0.38, .60) [(0.389, .50), (0.4, .60) dominated]
+    # (0.556, .74) [(0.6, .70) dominated] (1.0, .80) [(1.0, .75) dominated].
+    assert front["rel_macs"].round(3).tolist() == [0.2, 0.38, 0.556, 1.0]
+    assert front["value"].tolist() == [0.58, 0.60, 0.74, 0.80]
+
+
+def test_findings_name_the_cheapest_operator(table: pd.DataFrame) -> None:
+    lines = modality_findings(probe_summary(table), 0.95)
+    assert len(lines) == 2  # (m, sar) and (d, sar)
+    m_line = next(x for x in lines if ", m on sar" in x)
+    assert "prune+slim reaches 95% retention" in m_line
+    assert "200 MACs/sample" in m_line and "20.0% of its MACs" in m_line
+    d_line = next(x for x in lines if ", d on sar" in x)
+    assert "no operator (the full model)" in d_line
+    # At a 99 % target the prune+slim variant (96.7 %) no longer qualifies; prune (100 %) does.
+    strict = modality_findings(probe_summary(table), 0.99)
+    assert "prune reaches 99% retention" in next(x for x in strict if ", m on sar" in x)
+
+
+def test_html_numbers_equal_table(tmp_path: Path, table: pd.DataFrame) -> None:
+    path = render_report(tmp_path)
+    page = path.read_text()
+    assert "<script src" not in page and "Plotly.newPlot" in page  # plotly inlined, offline
+    cells = re.findall(r'data-value="([^"]+)" data-unit="[^"]+" data-query="([^"]+)"', page)
+    # seed table: 2 models x (sar, all, params) = 6 numbers
+    assert len(cells) == 6
+    for value, query in cells:
+        q = json.loads(unescape(query))
+        sel = table
+        for k, v in q.items():
+            sel = sel[sel[k] == v]
+        assert float(value) == pytest.approx(sel["value"].mean(), rel=0, abs=0)
+    assert ">60.0<" in page  # m pruned to sar: 0.60 shown in %
+    assert page.count('data-figure="1"') == 2  # retention + Pareto (no latency etc. rows)
+
+
+def test_report_without_results_fails(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no finished cells"):
+        render_report(tmp_path)

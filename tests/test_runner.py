@@ -1,0 +1,138 @@
+"""Runner: grid expansion, variant keys, atomic cell files, resume, kill-and-resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from mapex_analysis.study.results import finished_cells, read_results, write_cell
+from mapex_analysis.study.runner import RunSummary, Variant, plan_grid, run_study
+from mapex_analysis.study.schema import Study, load_study, parse_study
+
+ROOT = Path(__file__).resolve().parents[1]
+SIX = ("rgb", "red_edge", "nir", "swir", "sar", "ele")
+
+
+def smoke_copy(tmp_path: Path) -> Path:
+    """studies/smoke.yaml with its output redirected into ``tmp_path``."""
+    doc = yaml.safe_load((ROOT / "studies" / "smoke.yaml").read_text())
+    doc["output_dir"] = str(tmp_path / "reports")
+    path = tmp_path / "smoke.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_variant_keys() -> None:
+    assert Variant().key == "base"
+    assert Variant(prune=("sar",)).key == "prune[sar]"
+    assert Variant(width=0.25).key == "slim[0.25,attn+mlp,first]"
+    v = Variant(prune=("rgb", "sar"), width=0.5, mode="mlp", order="last")
+    assert v.key == "prune[rgb+sar]+slim[0.5,mlp,last]"
+    assert v.operator == "prune+slim"
+
+
+def test_grid_size_by_hand() -> None:
+    study = parse_study({
+        "name": "g",
+        "models": {"m": {"source": "mapex_test"}, "d": {"source": "vit_mae_test", "role": "dense",
+                                                         "operators": ["slim"]}},
+        "tasks": ["landcover", "flood"],
+        "seeds": [0, 1],
+        "operators": {"prune": {"sets": ["each", ["rgb", "sar"]]},
+                      "slim": {"widths": [1.0, 0.5, 0.25], "pruned_widths": [0.5],
+                               "apply_to": ["base", "pruned"]}},
+    })  # fmt: skip
+    cells = plan_grid(study, {"m": SIX, "d": SIX})
+    # mapex: base@all + 7 sets x (base@P, prune[P]) + 2 slim widths (1.0 is base) + 7 x 1
+    # prune-then-slim = 1 + 14 + 2 + 7 = 24 variants; dense: base@all + 7 base@P + 2 slim = 10.
+    # 34 cost cells + 34 variants x 2 tasks x 2 seeds = 136 eval cells.
+    assert sum(c.kind == "cost" for c in cells) == 34
+    assert sum(c.kind == "eval" for c in cells) == 136
+    keys = {(c.model, c.variant.key, "+".join(c.modalities)) for c in cells}
+    assert ("m", "prune[rgb+sar]+slim[0.5,attn+mlp,first]", "rgb+sar") in keys
+    assert not any(k[0] == "d" and "prune" in k[1] for k in keys)
+    # ids are unique and stable
+    ids = [c.cell_id(study) for c in cells]
+    assert len(set(ids)) == len(ids)
+    assert ids == [c.cell_id(study) for c in plan_grid(study, {"m": SIX, "d": SIX})]
+
+
+def test_cell_files_union_without_duplicates(tmp_path: Path) -> None:
+    row = {"study": "s", "model": "m", "variant": "base", "metric": "macs", "value": 10.0,
+           "unit": "MACs"}  # fmt: skip
+    write_cell(tmp_path, "a", [row])
+    write_cell(tmp_path, "b", [row | {"variant": "prune[sar]", "value": 4.0}])
+    write_cell(tmp_path, "a", [row])  # rewriting a cell replaces it, never appends
+    (tmp_path / "cells" / ".b.parquet.123.tmp").write_bytes(b"partial")  # a killed write
+    assert finished_cells(tmp_path) == {"a", "b"}
+    df = read_results(tmp_path)
+    assert len(df) == 2
+    assert df["value"].tolist() == [10.0, 4.0]
+    assert df["layer"].tolist() == [-1, -1]
+    with pytest.raises(KeyError, match="unknown result columns"):
+        write_cell(tmp_path, "c", [row | {"colour": "red"}])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Study, RunSummary]:
+    """One uninterrupted run of the smoke study, shared by the tests below."""
+    study = load_study(smoke_copy(tmp_path_factory.mktemp("ref")))
+    return study, run_study(study)
+
+
+def test_resume_skips_finished_cells(reference: tuple[Study, RunSummary]) -> None:
+    study, first = reference
+    assert first.ran == first.cells and first.skipped == 0
+    table1 = read_results(study.study_dir)
+    # A cell file of an earlier config is removed, so the table stays this config's.
+    write_cell(study.study_dir, "0" * 20, [{"study": "smoke", "metric": "macs", "value": 1.0}])
+    second = run_study(study)
+    assert second.ran == 0 and second.skipped == first.cells
+    assert "0" * 20 not in finished_cells(study.study_dir)
+    pd.testing.assert_frame_equal(table1, read_results(study.study_dir))
+    # Every row carries a unit; MACs of the pruned single-modality MAPEX < the full model's.
+    assert (table1["unit"] != "").all()
+    macs = table1[(table1["metric"] == "macs") & (table1["model"] == "mapex")]
+    full = macs[(macs["variant"] == "base") & (macs["modalities"].str.count(r"\+") == 5)]
+    pruned = macs[macs["variant"] == "prune[sar]"]
+    assert float(pruned["value"].iloc[0]) < float(full["value"].iloc[0])
+
+
+def _drop_cell_col(df: pd.DataFrame) -> pd.DataFrame:
+    return df.drop(columns=["cell"]).reset_index(drop=True)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_uninterrupted(
+    tmp_path: Path, reference: tuple[Study, RunSummary]
+) -> None:
+    expected = read_results(reference[0].study_dir)
+
+    path = smoke_copy(tmp_path)
+    study = load_study(path)
+    n_cells = len(plan_grid(study))
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mapex_analysis.cli", "run", str(path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while len(finished_cells(study.study_dir)) < 4 and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_killed = len(finished_cells(study.study_dir))
+    assert 4 <= n_killed < n_cells, "the run must be killed mid-way"
+
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert f"{n_cells - n_killed} run, {n_killed} already finished" in out.stdout.replace("\n", " ")
+    got = read_results(study.study_dir)
+    assert not got.duplicated(subset=[c for c in got.columns if c != "value"]).any()
+    pd.testing.assert_frame_equal(_drop_cell_col(got), _drop_cell_col(expected))
