@@ -3,7 +3,9 @@ wavelength units, parameter counts, slimming and MAC counting."""
 
 from __future__ import annotations
 
+import copy
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +15,13 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torchgeo.models.croma import get_2dalibi
 
-from mapex_analysis.modalities import BandError, ModalityError, get_modality, normalize
+from mapex_analysis.modalities import (
+    BandError,
+    ModalityError,
+    bands_of,
+    get_modality,
+    normalize,
+)
 from mapex_analysis.models.adapters import WeightsError
 from mapex_analysis.models.adapters.croma import alibi_bias
 from mapex_analysis.models.registry import create_model, model_table
@@ -101,6 +109,20 @@ def _up_croma_sar(m: Any, x: dict[str, Tensor]) -> Tensor:
     return m.model(x_sar=normalize("sar", x["sar"]))["sar_GAP"]
 
 
+def _up_croma_optical(m: Any, x: dict[str, Tensor]) -> Tensor:
+    return m.model(x_optical=_croma_optical(x))["optical_GAP"]
+
+
+def _up_ssl4eo_s1(m: Any, x: dict[str, Tensor]) -> Tensor:
+    # SSL4EO-S12 Sentinel-1 transform: dB standardised with torchgeo's published statistics
+    from torchgeo.models.resnet import _mean_s1, _std_s1
+
+    mean = torch.tensor(_mean_s1).view(1, 2, 1, 1)
+    std = torch.tensor(_std_s1).view(1, 2, 1, 1)
+    inp = (x["sar"] - mean) / std
+    return m.model.forward_head(m.model.forward_features(inp), pre_logits=True)
+
+
 def _up_cfm(m: Any, x: dict[str, Tensor]) -> Tensor:
     inp = torch.cat([normalize("rgb", x["rgb"]), normalize("sar", x["sar"])], dim=1)
     meta = torch.full((B, 4), float("nan"))
@@ -131,6 +153,8 @@ CASES = [
     ("ssl4eo_test", {"fill": "mean"}, OPT, 32, _up_ssl4eo),
     ("croma_test", {"fill": "mean"}, [*OPT, "sar"], 16, _up_croma_joint),
     ("croma_test", {"variant": "sar"}, ["sar"], 16, _up_croma_sar),
+    ("croma_test", {"variant": "optical", "fill": "mean"}, OPT, 16, _up_croma_optical),
+    ("ssl4eo_test", {"sensor": "s1"}, ["sar"], 32, _up_ssl4eo_s1),
     ("copernicusfm_test", {}, ["rgb", "sar"], 32, _up_cfm),
     ("panopticon_test", {}, ["rgb", "sar"], 28, _up_pan),
     ("satmae_test", {}, ["rgb", "sar"], 32, _up_satmae),
@@ -204,20 +228,55 @@ def test_panopticon_receives_nanometres() -> None:
     assert args[0]["chn_ids"].tolist() == [[842.0, -1.0, -2.0]] * B
 
 
+def test_wavelengths_come_from_the_band_table(monkeypatch) -> None:
+    # Move B08 in the project's band table from 842 nm to 850 nm: every spectral adapter must
+    # pass the new value (no hand-typed wavelength lists in adapters).
+    import dataclasses
+
+    from mapex_analysis import modalities
+
+    moved = dataclasses.replace(modalities.BANDS["B08"], wavelength_nm=850.0)
+    monkeypatch.setitem(modalities.BANDS, "B08", moved)
+    dofa = _model("dofa_test")
+    _, kw = _captured_call(dofa.model, lambda: dofa(_batch(["nir"], 32)))
+    assert kw["wavelengths"] == [0.85]  # µm
+    cfm = _model("copernicusfm_test")
+    _, kw = _captured_call(cfm.model, lambda: cfm(_batch(["nir"], 32)))
+    assert kw["wavelengths"] == [850.0]  # nm
+    pan = _model("panopticon_test")
+    args, _ = _captured_call(pan.model, lambda: pan(_batch(["nir"], 28)))
+    assert args[0]["chn_ids"].tolist() == [[850.0]] * B  # nm
+
+
 # ---------------------------------------------------------------- input errors
 
 
-def test_unsupported_modality_names_expected_bands() -> None:
-    m = _model("dofa_test")
-    with pytest.raises(ModalityError, match=r"does not accept modalities \['sar'\]") as err:
-        m(_batch(["rgb", "sar"], 32))
-    assert "'rgb': ['B04', 'B03', 'B02']" in str(err.value)
-
-
-def test_band_count_mismatch_names_bands() -> None:
-    m = _model("scalemae_test")
-    with pytest.raises(BandError, match=r"\(B, 3, H, W\) with bands \['B04', 'B03', 'B02'\]"):
-        m({"rgb": torch.rand(B, 2, 32, 32)})
+@pytest.mark.parametrize(("name", "kw", "mods", "size", "upstream"), CASES, ids=IDS)
+def test_bad_input_names_expected_bands(name, kw, mods, size, upstream) -> None:
+    m = _model(name, **kw)
+    bad = next((b for b in ("ele", "sar") if b not in m.modalities), None)
+    if bad is None:  # the SatMAE-style model takes every modality: restrict it to rgb, sar
+        m, bad = _model(name, **kw, modalities=("rgb", "sar")), "ele"
+    x = _batch(mods, size)
+    # a modality the model does not take: named, with every accepted modality's bands
+    with pytest.raises(ModalityError) as err:
+        m({**x, bad: _batch([bad], size)[bad]})
+    msg = str(err.value)
+    assert f"{type(m).__name__} does not accept modalities ['{bad}']" in msg
+    for mod, bands in m.bands_per_modality().items():
+        assert f"'{mod}': {list(bands)}" in msg
+    # a band count that does not match the modality's bands: the bands are named
+    first = mods[0]
+    n = x[first].shape[1]
+    wrong = x[first][:, : n - 1] if n > 1 else x[first].repeat(1, 2, 1, 1)
+    with pytest.raises(BandError) as err:
+        m({**x, first: wrong})
+    assert f"(B, {n}, H, W) with bands {list(bands_of(first))}" in str(err.value)
+    assert f"got shape {tuple(wrong.shape)}" in str(err.value)
+    # spectral models take the fed bands only: nothing is filled in
+    if m.variable_bands and not name.startswith("satmae"):
+        inp, fed = m.prepare_input({first: x[first]})
+        assert fed == bands_of(first) and inp.shape == (B, n, size, size)
 
 
 def test_image_size_and_label_key() -> None:
@@ -256,31 +315,87 @@ def test_fill_policies_fill_only_the_missing_bands() -> None:
 # ---------------------------------------------------------------- weights
 
 
-def test_upstream_checkpoint_round_trip(tmp_path) -> None:
-    src = _model("dofa_test")
-    path = tmp_path / "dofa.pth"
-    torch.save(src.model.state_dict(), path)  # DOFA's own key format
-    torch.manual_seed(1)
-    dst = create_model("dofa_test", weights=str(path)).eval()
-    rep = dst.weights_report
-    assert rep.missing == [] and rep.ignored == []
-    assert rep.loaded == len(src.model.state_dict())
-    x = _batch(["rgb", "nir"], 32)
+def _upstream_checkpoint(m: Any) -> dict[str, Any]:
+    """The adapter's weights in the upstream checkpoint format (copies of the tensors)."""
+    if m.family == "croma":  # CROMA's published format: one state dict per part
+        return {
+            p: {k: v.clone() for k, v in getattr(m.model, p).state_dict().items()}
+            for p in _CROMA_PARTS[m.variant]
+        }
+    return {k: v.clone() for k, v in m._upstream_state_target().state_dict().items()}
+
+
+def _patch_embedding_entry(ckpt: dict[str, Any]) -> tuple[dict[str, Tensor], str, str]:
+    """(dict holding the patch-embedding weight, its key there, its key in error messages)."""
+    for enc in ("s1_encoder", "s2_encoder"):  # CROMA: a linear patch embedding per encoder
+        if enc in ckpt:
+            return ckpt[enc], "linear_input.weight", f"{enc}.linear_input.weight"
+    key = next(k for k, v in ckpt.items() if k.startswith(_PATCH_KEYS) and v.dim() >= 2)
+    return ckpt, key, key
+
+
+_CROMA_PARTS = {
+    "sar": ["s1_encoder", "s1_GAP_FFN"],
+    "optical": ["s2_encoder", "s2_GAP_FFN"],
+    "joint": ["s1_encoder", "s1_GAP_FFN", "s2_encoder", "s2_GAP_FFN", "joint_encoder"],
+}
+_PATCH_KEYS = ("patch_embed", "tokenizer.patch_embed")
+
+
+@pytest.mark.parametrize(("name", "kw", "mods", "size", "upstream"), CASES, ids=IDS)
+def test_upstream_checkpoint_loads_strictly_and_reproduces_upstream(
+    name, kw, mods, size, upstream, tmp_path
+) -> None:
+    src = _model(name, **kw)
+    ckpt = _upstream_checkpoint(src)
+    path = tmp_path / "upstream.pth"
+    torch.save(ckpt, path)
+    dst = copy.deepcopy(src)  # a copy with other random weights: only loading makes it equal
+    g = torch.Generator().manual_seed(1)
     with torch.no_grad():
+        for p in dst.parameters():
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    x = _batch(mods, size)
+    with torch.no_grad():
+        assert not torch.allclose(dst(x), src(x))
+    rep = dst.load_weights(path)
+    n_tensors = sum(len(v) for v in ckpt.values()) if name.startswith("croma") else len(ckpt)
+    assert rep.missing == [] and rep.ignored == []  # no key missing, none unexpected
+    assert rep.loaded == n_tensors + (1 if name.startswith("croma") else 0)  # + ALiBi buffer
+    assert dst.weights_report is rep and rep.source == str(path)
+    with torch.no_grad():
+        assert torch.equal(upstream(dst, x), upstream(src, x))  # the upstream model's outputs
         assert torch.equal(dst(x), src(x))
 
 
-def test_croma_nested_checkpoint_round_trip(tmp_path) -> None:
-    src = _model("croma_test", fill="mean")
-    parts = ["s1_encoder", "s1_GAP_FFN", "s2_encoder", "s2_GAP_FFN", "joint_encoder"]
-    # CROMA's published format: one state dict per part
-    torch.save({p: getattr(src.model, p).state_dict() for p in parts}, tmp_path / "croma.pt")
-    torch.manual_seed(1)
-    dst = create_model("croma_test", fill="mean", weights=str(tmp_path / "croma.pt")).eval()
-    assert dst.weights_report.missing == []
-    x = _batch([*OPT, "sar"], 16)
-    with torch.no_grad():
-        assert torch.equal(dst(x), src(x))
+@pytest.mark.parametrize(("name", "kw", "mods", "size", "upstream"), CASES, ids=IDS)
+def test_bad_checkpoint_fails_naming_the_key(name, kw, mods, size, upstream, tmp_path) -> None:
+    m = _model(name, **kw)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    # a patch embedding of another shape (one input channel / feature more)
+    ckpt = _upstream_checkpoint(m)
+    holder, key, shown = _patch_embedding_entry(ckpt)
+    good = tuple(holder[key].shape)
+    bad = (good[0], good[1] + 1, *good[2:])
+    holder[key] = torch.zeros(bad)
+    torch.save(ckpt, tmp_path / "shape.pth")
+    with pytest.raises(WeightsError, match="shape mismatch") as err:
+        m.load_weights(tmp_path / "shape.pth")
+    assert f"{shown}: checkpoint {bad} vs model {good}" in str(err.value)
+    # a misspelled key: missing under its right name, unexpected under the wrong one
+    ckpt = _upstream_checkpoint(m)
+    holder, key, shown = _patch_embedding_entry(ckpt)
+    holder[key.replace("weight", "wieght")] = holder.pop(key)
+    torch.save(ckpt, tmp_path / "typo.pth")
+    with pytest.raises(WeightsError) as err:
+        m.load_weights(tmp_path / "typo.pth")
+    msg = str(err.value)
+    assert f"missing keys ['{shown}']" in msg
+    assert f"unexpected keys ['{shown.replace('weight', 'wieght')}']" in msg
+    assert "a misspelled key shows up in both lists" in msg
+    # nothing was loaded
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_safetensors_checkpoint_and_head_dropped(tmp_path) -> None:
@@ -294,25 +409,6 @@ def test_safetensors_checkpoint_and_head_dropped(tmp_path) -> None:
     x = _batch(["rgb"], 32)
     with torch.no_grad():
         assert torch.equal(dst(x), src(x))
-
-
-def test_wrong_patch_embedding_shape_fails(tmp_path) -> None:
-    state = dict(_model("ssl4eo_test", fill="mean").model.state_dict())
-    state["patch_embed.proj.weight"] = torch.zeros(32, 12, 8, 8)  # 12 bands instead of 13
-    torch.save(state, tmp_path / "bad.pth")
-    with pytest.raises(WeightsError, match=r"patch_embed\.proj\.weight: checkpoint \(32, 12, 8, 8\) vs model \(32, 13, 8, 8\)"):  # fmt: skip
-        create_model("ssl4eo_test", weights=str(tmp_path / "bad.pth"))
-
-
-def test_misspelled_key_fails(tmp_path) -> None:
-    state = dict(_model("dofa_test").model.state_dict())
-    state["blocks.0.attn.qkv.wieght"] = state.pop("blocks.0.attn.qkv.weight")
-    torch.save(state, tmp_path / "typo.pth")
-    with pytest.raises(WeightsError) as err:
-        create_model("dofa_test", weights=str(tmp_path / "typo.pth"))
-    msg = str(err.value)
-    assert "missing keys ['blocks.0.attn.qkv.weight']" in msg
-    assert "unexpected keys ['blocks.0.attn.qkv.wieght']" in msg
 
 
 def test_weight_names(monkeypatch) -> None:
@@ -339,6 +435,7 @@ def test_full_size_parameter_counts() -> None:
     # proj 1,049,600 + fc1 4,198,400 + fc2 4,195,328 = 12,596,224, x 24 = 302,309,376;
     # final norm 2,048 -> 303,301,632 (published ~304 M).
     assert rows["scalemae_large"]["params"] == 303_301_632
+    assert math.isclose(rows["scalemae_large"]["params"], 304e6, rel_tol=0.01)  # published ~304 M
     # DOFA-B: ViT-B/16 encoder + wavelength weight generator (fc_weight 128 -> 16*16*768).
     assert rows["dofa_base"]["params"] == 111_312_128
     assert math.isclose(rows["dofa_base"]["params"], 111e6, rel_tol=0.01)  # published ~111 M
@@ -348,11 +445,23 @@ def test_full_size_parameter_counts() -> None:
     assert rows["croma_base_sar"]["params"] == 47_337_984
     assert rows["copernicusfm_base"]["params"] == 139_452_544
     assert rows["panopticon_base"]["params"] == 98_120_448
+    # panopticon_test keeps 2 of the 12 DINOv2 blocks (width fixed at 768 upstream): 2 blocks
+    # * 7,089,408 + CLS 768 + position 5 * 768 + final norm 1,536 + patch embedding at
+    # attn_dim 48 (conv3d 9,456, query 48, SAR embeddings 96, k/v 2 * 2,304, proj 37,632)
+    assert rows["panopticon_test"]["params"] == 14_236_800
     assert rows["ssl4eo_vit_small"]["params"] == 22_648_704
     assert rows["timm_vit_base"]["params"] == 85_798_656  # timm ViT-B/16 without head
     assert rows["satmae_base"]["params"] == 87_621_888
     assert rows["croma_base"]["modalities"] == "rgb, red_edge, nir, swir, sar"
     assert "DOFABase16_Weights.DOFA_MAE" in rows["dofa_base"]["weights"]
+
+
+def test_panopticon_depth_keeps_the_first_blocks() -> None:
+    m = _model("panopticon_test")
+    vit = m.model.model
+    assert len(m.blocks) == 2 and m.depth == 2 and vit.global_pool == "token"
+    with pytest.raises(ValueError, match=r"Panopticon depth must be in \[1, 12\], got 13"):
+        create_model("panopticon_test", depth=13)
 
 
 def test_croma_alibi_equals_upstream() -> None:
@@ -364,49 +473,102 @@ def test_croma_alibi_equals_upstream() -> None:
 # ---------------------------------------------------------------- slimming and MACs
 
 TIMM_BLOCK = [c for c in CASES if not c[0].startswith("croma")]
+TIMM_IDS = [i for i, c in zip(IDS, CASES, strict=True) if not c[0].startswith("croma")]
 
-
-@pytest.mark.parametrize(
-    ("name", "kw", "mods", "size", "upstream"), TIMM_BLOCK, ids=IDS[:4] + IDS[6:]
+#: Ops that multiply and accumulate: none of them may be left uncounted.
+_PRODUCT_OP = re.compile(
+    r"aten::(\w*mm|matmul|einsum|linear|\w*conv\w*|\w*attention\w*|outer|ger|dot|vdot|mv|"
+    r"addmv|bilinear|tensordot)_?$"
 )
+
+
+def _uncounted_products(unsupported: dict[str, int]) -> list[str]:
+    return [op for op in unsupported if _PRODUCT_OP.match(op)]
+
+
+def test_product_op_pattern() -> None:
+    ops = ["aten::bmm", "aten::baddbmm", "aten::matmul", "aten::einsum", "aten::outer"]
+    ops += ["aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_convolution"]
+    assert _uncounted_products(dict.fromkeys(ops, 1)) == ops
+    assert _uncounted_products({"aten::add": 1, "aten::gelu": 2, "aten::mul_": 3}) == []
+
+
+@pytest.mark.parametrize(("name", "kw", "mods", "size", "upstream"), TIMM_BLOCK, ids=TIMM_IDS)
 def test_slim_width_on_timm_block_adapters(name, kw, mods, size, upstream) -> None:
+    from mapex_analysis.measure.macs import count_macs
     from mapex_analysis.ops.slim import slim_width
 
     m = _model(name, **kw)
     x = _batch(mods, size)
-    head_dim = m.blocks[0].attn.head_dim
-    hidden = m.blocks[0].mlp.fc1.out_features
+    head_dims = [b.attn.head_dim for b in m.blocks]
+    hidden = [b.mlp.fc1.out_features for b in m.blocks]
     with torch.no_grad():
         full = m(x)
-        assert torch.equal(slim_width(m, 1.0)(x), full)
+        assert torch.equal(slim_width(m, 1.0)(x), full)  # s = 1.0: bit-identical
         half = slim_width(m, 0.5)
         out = half(x)
-    assert out.shape == full.shape
-    assert half.blocks[0].attn.head_dim == head_dim // 2
-    assert half.blocks[0].mlp.fc1.out_features == hidden // 2
+    assert out.shape == full.shape and bool(torch.isfinite(out).all())
+    assert [b.attn.head_dim for b in half.blocks] == [d // 2 for d in head_dims]
+    assert [b.attn.scale for b in half.blocks] == [(d // 2) ** -0.5 for d in head_dims]
+    assert [b.mlp.fc1.out_features for b in half.blocks] == [h // 2 for h in hidden]
+    # physically smaller: fewer MACs, and nothing the slimmed model multiplies goes uncounted
+    rep_full = count_macs(m, x, cross_check=False)
+    rep_half = count_macs(half, x, cross_check=False)
+    assert rep_half.total < rep_full.total
+    assert _uncounted_products(rep_half.unsupported) == []
 
 
 def test_slim_width_refuses_croma() -> None:
     from mapex_analysis.ops.slim import slim_width
 
-    with pytest.raises(TypeError, match=r"CROMAAdapter has no timm\.layers\.Attention"):
-        slim_width(_model("croma_test", fill="mean"), 0.5)
+    croma = _model("croma_test", fill="mean")
+    msg = r"works on models built from timm Blocks \(timm/torchgeo ViTs\) and on MAPEX"
+    with pytest.raises(TypeError, match=r"CROMAAdapter has no timm\.layers\.Attention.*" + msg):
+        slim_width(croma, 0.5)
+    with pytest.raises(TypeError, match=r"CROMAAdapter has no timm\.layers\.Mlp module"):
+        slim_width(croma, 0.5, mode="mlp")
 
 
-_COUNTED = ("matmul", "bmm", "einsum", "linear", "attention", "addmm", "conv")
+# timm_vit_test, batch 2 (B = 2, N = 16 patches + CLS = 17, D = 32, MLP 128, 2 blocks,
+# patch input 3 * 8 * 8 = 192):
+#   patch conv 2 * 16 * 32 * 192 = 196,608; per block: linears 2 * 17 * 32 * (96 + 32 + 128)
+#   + 2 * 17 * 128 * 32 = 417,792, attention 2 * 2 * 17^2 * 32 = 36,992, norms
+#   2 * 2 * 17 * 32 * 5 = 10,880 -> 465,664; final norm 2 * 17 * 32 * 5 = 5,440
+#   total 196,608 + 2 * 465,664 + 5,440 = 1,133,376
+TIMM_VIT_TEST_MACS = 1_133_376
 
 
 @pytest.mark.parametrize(("name", "kw", "mods", "size", "upstream"), CASES, ids=IDS)
 def test_count_macs_counts_every_matmul(name, kw, mods, size, upstream) -> None:
-    from mapex_analysis.measure.macs import count_macs
+    from mapex_analysis.measure.macs import CROSS_CHECK_TOLERANCE, count_macs
 
     m = _model(name, **kw)
-    # FlopCounterMode's module tracker fails on Panopticon's in-place channel embedding.
-    rep = count_macs(m, _batch(mods, size), cross_check=not name.startswith("panopticon"))
-    assert rep.total > 0
-    assert [op for op in rep.unsupported if any(k in op for k in _COUNTED)] == []
-    if name.startswith(("timm", "ssl4eo", "satmae")):
-        assert rep.cross_check["rel_diff"] == 0.0
+    rep = count_macs(m, _batch(mods, size))  # both counters, Panopticon included
+    assert rep.unit == "MACs" and rep.total > 0
+    assert _uncounted_products(rep.unsupported) == []
+    check = rep.cross_check
+    assert check["fvcore_macs"] == rep.total
+    croma_joint = name.startswith("croma") and kw.get("variant", "joint") == "joint"
+    if name.startswith(("timm", "ssl4eo", "satmae", "croma")) and not croma_joint:
+        assert check["rel_diff"] == 0.0
+    if name == "timm_vit_test":
+        assert rep.total == TIMM_VIT_TEST_MACS
+        assert rep.by_op["scaled_dot_product_attention"] == 2 * 2 * 2 * 17**2 * 32  # 73,984
+    if name.startswith("panopticon"):
+        # channel sin-cos embedding of the optical ids: outer(B * 3 rgb ids = 6, omega of
+        # attn_dim / 2 = 24) = 144 MACs (SAR ids index learned embeddings); torch decomposes
+        # outer into a mul before FlopCounterMode sees it
+        assert rep.by_op["outer"] == 144
+        assert check["fvcore_macs"] - check["flopcounter_macs"] == 144
+        # channel cross-attention: QK^T and AV per patch (B * L = 8), 16 heads of 3, 5 keys
+        assert rep.by_op["matmul"] == 2 * 8 * 16 * 1 * 5 * 3  # 3,840
+    if croma_joint:
+        # the joint variant also runs CROMA's per-sensor GAP heads (LayerNorm + 32 -> 128 ->
+        # 32 MLP on the mean token), which the joint output does not use: FlopCounterMode
+        # counts them, the trace does not: 2 heads * B * (5 * 32 + 2 * 32 * 128) = 33,408
+        assert check["flopcounter_macs"] - check["fvcore_macs"] == 2 * B * (5 * 32 + 2 * 32 * 128)
+    else:
+        assert check["rel_diff"] < CROSS_CHECK_TOLERANCE
 
 
 def test_cli_list_models_shows_adapters() -> None:

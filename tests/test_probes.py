@@ -373,3 +373,80 @@ def test_extract_features_on_mapex_test() -> None:
     np.testing.assert_allclose(feats.test.X, ref.numpy(), atol=1e-5)
     patch = extract_features(model, ds, modalities=["rgb", "sar"], pool="patch")
     assert patch.test.X.shape == (5, 4, 32)  # (16/8)^2 = 4 patches, rgb and sar averaged
+
+
+class PrefixTokenModel(TinyTokenModel):
+    """TinyTokenModel with ``prefix`` prefix tokens (0: no CLS, like CROMA; 3: CLS + 2
+    registers, like a timm ViT with ``reg_tokens=2``); pools its own way with forward_head."""
+
+    def __init__(self, prefix: int) -> None:
+        super().__init__()
+        self.num_prefix_tokens = prefix
+        self.pool = "cls" if prefix else "mean"
+        self.prefix = nn.Parameter(torch.randn(1, prefix, 8))
+
+    def encode(self, tokens: torch.Tensor, modality_index: torch.Tensor) -> torch.Tensor:
+        t = torch.cat([self.prefix.expand(len(tokens), -1, -1), tokens], 1)  # (B, p + N, D)
+        t = t + t.mean(dim=1, keepdim=True)
+        return self.norm(t + torch.tanh(self.mix(t)))
+
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
+        return tokens[:, 0] if self.num_prefix_tokens else tokens.mean(dim=1)
+
+
+def test_pool_tokens_drops_exactly_the_prefix_tokens() -> None:
+    from mapex_analysis.eval.features import pool_tokens
+
+    t = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)  # token j of sample 0 = 3j..
+    # sample 0, mean of tokens p..4: p = 0 -> rows 0..4 -> (6, 7, 8); p = 1 -> rows 1..4 ->
+    # (7.5, 8.5, 9.5); p = 3 -> rows 3, 4 -> (10.5, 11.5, 12.5)
+    assert pool_tokens(t, "mean", 0)[0].tolist() == [6.0, 7.0, 8.0]
+    assert pool_tokens(t, "mean", 1)[0].tolist() == [7.5, 8.5, 9.5]
+    assert pool_tokens(t, "mean", 3)[0].tolist() == [10.5, 11.5, 12.5]
+    assert pool_tokens(t, "cls", 3)[1].tolist() == [15.0, 16.0, 17.0]  # token 0 of sample 1
+    with pytest.raises(ValueError, match=r"CROMA has no CLS token \(num_prefix_tokens = 0\)"):
+        pool_tokens(t, "cls", 0, name="CROMA")
+    with pytest.raises(ValueError, match=r"expected tokens \(B, 5 prefix \+ N patch tokens"):
+        pool_tokens(t, "mean", 5)
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 3])
+def test_extract_features_uses_num_prefix_tokens(prefix: int) -> None:
+    model, data = PrefixTokenModel(prefix), _arrays(6, 11)
+    x = {m: torch.from_numpy(data[m]) for m in ("rgb", "sar")}
+    with torch.no_grad():
+        tokens = model.forward_features(x)  # (6, prefix + 4 + 4, 8)
+    assert tokens.shape == (6, prefix + 8, 8)
+    mean = extract_features(model, data, modalities=["rgb", "sar"], pool="mean")["data"].X
+    np.testing.assert_allclose(mean, tokens[:, prefix:].mean(1).numpy(), atol=1e-6)
+    if prefix != 1:  # dropping exactly one token would be another (wrong) number
+        assert not np.allclose(mean, tokens[:, 1:].mean(1).numpy(), atol=1e-4)
+    patch = extract_features(model, data, modalities=["rgb", "sar"], pool="patch")["data"].X
+    ref = (tokens[:, prefix : prefix + 4] + tokens[:, prefix + 4 :]) / 2  # rgb, sar per patch
+    np.testing.assert_allclose(patch, ref.numpy(), atol=1e-6)
+    if prefix:
+        cls = extract_features(model, data, modalities=["rgb"], pool="cls")["data"].X
+        assert cls.shape == (6, 8)
+    else:
+        with pytest.raises(ValueError, match="PrefixTokenModel has no CLS token"):
+            extract_features(model, data, modalities=["rgb"], pool="cls")
+
+
+def test_extract_features_on_register_token_vit_and_croma() -> None:
+    from mapex_analysis.models.registry import create_model
+
+    torch.manual_seed(0)
+    vit = create_model("timm_vit_test", reg_tokens=2).eval()  # CLS + 2 registers
+    assert vit.num_prefix_tokens == 3
+    rng = np.random.default_rng(12)
+    data = {"rgb": rng.uniform(0.0, 0.3, (4, 3, 32, 32)).astype(np.float32)}
+    with torch.no_grad():
+        tokens = vit.forward_features({"rgb": torch.from_numpy(data["rgb"])})
+    assert tokens.shape == (4, 3 + 16, 32)  # 32 px / patch 8 = 16 patch tokens
+    mean = extract_features(vit, data, modalities=["rgb"], pool="mean")["data"].X
+    np.testing.assert_allclose(mean, tokens[:, 3:].mean(1).numpy(), atol=1e-6)
+    croma = create_model("croma_test", variant="sar").eval()
+    assert croma.num_prefix_tokens == 0 and croma.pool == "mean"
+    sar = {"sar": rng.uniform(-20.0, -5.0, (2, 2, 16, 16)).astype(np.float32)}
+    with pytest.raises(ValueError, match=r"CROMAAdapter has no CLS token .* use pool='mean'"):
+        extract_features(croma, sar, modalities=["sar"], pool="cls")

@@ -5,10 +5,16 @@ chosen modality subset (only those keys are fed: a model never sees a modality t
 not have) and returns float32 numpy features per split, with the pooling declared:
 
 * ``"cls"``: the CLS token of the final (normed) tokens;
-* ``"mean"``: the mean of the final patch tokens (CLS excluded);
+* ``"mean"``: the mean of the final patch tokens (prefix tokens excluded);
 * ``"patch"``: the final patch tokens ``(N, P, D)`` in raster order, averaged over the fed
   modalities token-by-token (a MAPEX model has one token per patch per modality), for the
   segmentation probe.
+
+Prefix tokens (timm's convention): ``forward_features`` returns ``model.num_prefix_tokens``
+tokens (CLS, then register / distillation tokens) before the patch tokens; a model that does not
+declare ``num_prefix_tokens`` has one (a CLS token, as the project's token models). ``"mean"`` and
+``"patch"`` drop exactly those; ``"cls"`` on a model without a CLS token (CROMA,
+``num_prefix_tokens = 0``) is an error.
 
 When the declared pool is the model's own ``model.pool``, the model's ``forward_head`` pools
 (so any head norm the model applies is kept); otherwise the pooling above is applied to the
@@ -46,7 +52,9 @@ __all__ = [
     "data_fingerprint",
     "extract_features",
     "model_fingerprint",
+    "num_prefix_tokens",
     "patch_tokens",
+    "pool_tokens",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,7 +62,8 @@ logger = logging.getLogger(__name__)
 Pool = Literal["cls", "mean", "patch"]
 #: Pooling options of :func:`extract_features`.
 POOLS: tuple[str, ...] = ("cls", "mean", "patch")
-_CACHE_VERSION = 1
+# 2: mean pooling drops ``num_prefix_tokens`` prefix tokens (version 1 always dropped one)
+_CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -181,6 +190,54 @@ def _batches(arrays: Mapping[str, np.ndarray], modalities: Sequence[str], bs: in
         yield {m: torch.from_numpy(arrays[m][i : i + bs]) for m in modalities}
 
 
+def num_prefix_tokens(model: nn.Module) -> int:
+    """Tokens before the patch tokens in ``model``'s token output (timm's convention).
+
+    Returns:
+        ``model.num_prefix_tokens`` when declared, else 1 (a CLS token).
+
+    Raises:
+        ValueError: if the declared value is not a non-negative integer.
+    """
+    value = getattr(model, "num_prefix_tokens", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"{type(model).__name__}.num_prefix_tokens must be a non-negative int, got {value!r}"
+        )
+    return value
+
+
+def pool_tokens(
+    tokens: torch.Tensor, pool: str, prefix: int, *, name: str = "model"
+) -> torch.Tensor:
+    """Pool final tokens ``(B, prefix + N, D)`` into ``(B, D)``.
+
+    Args:
+        tokens: Prefix tokens first, then the patch tokens.
+        pool: ``"cls"`` (token 0) or ``"mean"`` (mean of the patch tokens ``tokens[:, prefix:]``).
+        prefix: Number of prefix tokens.
+        name: Model name for error messages.
+
+    Returns:
+        ``(B, D)``.
+
+    Raises:
+        ValueError: for ``"cls"`` without prefix tokens, no patch tokens, or another pool.
+    """
+    if tokens.dim() != 3 or tokens.shape[1] <= prefix:
+        raise ValueError(
+            f"{name}: expected tokens (B, {prefix} prefix + N patch tokens, D), got "
+            f"{tuple(tokens.shape)}"
+        )
+    if pool == "cls":
+        if prefix < 1:
+            raise ValueError(f"{name} has no CLS token (num_prefix_tokens = 0); use pool='mean'")
+        return tokens[:, 0]
+    if pool == "mean":
+        return tokens[:, prefix:].mean(dim=1)
+    raise ValueError(f"pool_tokens pools 'cls' or 'mean', got {pool!r}")
+
+
 def patch_tokens(model: nn.Module, x: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Final patch tokens ``(B, P, D)`` in raster order, averaged over modalities per patch.
 
@@ -189,7 +246,7 @@ def patch_tokens(model: nn.Module, x: Mapping[str, torch.Tensor]) -> torch.Tenso
         x: ``{modality: (B, C, H, W)}`` in physical units.
 
     Returns:
-        ``(B, P, D)`` tokens (CLS dropped).
+        ``(B, P, D)`` tokens (the ``num_prefix_tokens`` prefix tokens dropped).
 
     Raises:
         TypeError: if the model has no ``tokenize``/``encode``.
@@ -202,7 +259,8 @@ def patch_tokens(model: nn.Module, x: Mapping[str, torch.Tensor]) -> torch.Tenso
         )
     net: Any = model  # contract methods, not nn.Module attributes
     tokens, modality_index = net.tokenize(x)  # (B, N, D), (B, N)
-    out = net.encode(tokens, modality_index)[:, 1:]  # drop CLS -> (B, N, D)
+    prefix = num_prefix_tokens(model)
+    out = net.encode(tokens, modality_index)[:, prefix:]  # drop prefix tokens -> (B, N, D)
     groups = [out[:, modality_index[0] == m] for m in torch.unique(modality_index[0])]
     sizes = {g.shape[1] for g in groups}
     if len(sizes) != 1:
@@ -222,10 +280,10 @@ def _pooled(model: nn.Module, x: Mapping[str, torch.Tensor], pool: str) -> torch
             )
         return model(x)
     net: Any = model
-    tokens = net.forward_features(x)  # (B, 1+N, D)
+    tokens = net.forward_features(x)  # (B, prefix + N, D)
     if pool == own_pool:
         return net.forward_head(tokens, pre_logits=True)
-    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
+    return pool_tokens(tokens, pool, num_prefix_tokens(model), name=type(model).__name__)
 
 
 def _cache_file(cache_dir: Path, meta: dict[str, Any]) -> Path:
@@ -295,7 +353,8 @@ def extract_features(
         :class:`Features` with one :class:`SplitFeatures` per split.
 
     Raises:
-        ValueError: for an unknown pool, a bad batch size or modality selection.
+        ValueError: for an unknown pool, a bad batch size or modality selection, or
+            ``pool="cls"`` on a model without a CLS token (``num_prefix_tokens = 0``).
         KeyError: if a split lacks a requested modality.
     """
     allowed = getattr(model, "modalities", None)
@@ -305,6 +364,10 @@ def extract_features(
         raise ValueError(f"unknown pool {pool!r}; valid: {', '.join(POOLS)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if pool == "cls" and getattr(model, "pool", None) != "cls" and num_prefix_tokens(model) == 0:
+        raise ValueError(
+            f"{type(model).__name__} has no CLS token (num_prefix_tokens = 0); use pool='mean'"
+        )
     model_key = cache_key or (model_fingerprint(model) if cache_dir is not None else "")
     out: dict[str, SplitFeatures] = {}
     was_training = model.training

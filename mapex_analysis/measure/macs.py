@@ -11,9 +11,16 @@ ops our models trace to that fvcore does not know:
   ``v (B, H_kv, M, d_v)`` (grouped-query attention broadcasts key/value heads to the ``H``
   query heads; a causal mask is counted as full attention, like torch's counter does).
 * ``aten::baddbmm``: the batched matmul part, ``B*N*K*M``.
+* ``aten::matmul``, ``aten::mm``, ``aten::mv``, ``aten::dot``: ``prod(output shape) * K`` with
+  ``K`` the contracted dimension, which also covers 1-D operands and broadcast batch dimensions
+  (fvcore's own matmul handle fails on a vector operand and ignores a broadcast first operand).
+* ``aten::outer``: an outer product is a matmul with ``K = 1``: ``M*N`` MACs (torchgeo
+  Panopticon's channel sin-cos embedding). ``FlopCounterMode`` never sees it (torch decomposes
+  ``outer`` into a broadcast ``mul`` before dispatch), so the cross-check differs by exactly
+  these MACs (144 on ``panopticon_test`` fed 3 optical channels, batch 2).
 
 Every other op fvcore has no handle for (elementwise ``add``/``mul``/``gelu``, ``softmax``,
-``topk``, ``index_select``/``index_add``/``scatter`` of the MoE dispatch...) is **not counted and
+``max``/``topk``, ``argsort``, ``index_select``/``index_add`` of the MoE dispatch...) is **not counted and
 is listed** in :attr:`MacsReport.unsupported` with its number of calls, never dropped silently.
 Normalisation layers use fvcore's estimate (5 operations per element with an affine transform,
 4 without; eval-mode batch norm 2 or 1).
@@ -31,10 +38,10 @@ the norm ops, with fvcore's convention) through ``custom_mapping`` so that both 
 same things, and :attr:`MacsReport.cross_check` reports the two totals and their relative
 difference. The two differ by design in one respect: the trace keeps only ops the returned
 outputs depend on, while ``FlopCounterMode`` counts every op that executes. MAPEX's routing
-statistics (``one_hot(modality).T @ assignments``: ``T_routed * M * E`` MACs per MoE layer) and
-its load-balance loss are not part of ``forward``'s output, so fvcore leaves them out and the
-cross-check shows exactly that difference (0.02 % on ``mapex_tiny``); likewise the CROMA
-adapter's unused per-sensor GAP heads (4.9 % on ``croma_test``). So :attr:`MacsReport.total` is
+statistics (a ``bincount``) and its load-balance loss (elementwise, about ``E * T`` multiply-adds
+per MoE layer) are not part of ``forward``'s output and use no matmul, so neither counter counts
+them and the two agree exactly on MAPEX; the CROMA adapter's unused per-sensor GAP heads, in
+contrast, show up in the cross-check (4.9 % on ``croma_test``). So :attr:`MacsReport.total` is
 the cost of computing the outputs, and a large ``rel_diff`` (logged as a warning above
 :data:`CROSS_CHECK_TOLERANCE`) flags work the model executes and throws away. An expert that no
 token was routed to is listed in :attr:`MacsReport.uncalled`.
@@ -126,6 +133,21 @@ def _sdpa_jit(inputs: list[Any], outputs: list[Any]) -> int:
     return sdpa_macs(q, k, v)
 
 
+def _contracted_jit(inputs: list[Any], outputs: list[Any]) -> int:
+    """``matmul``/``mm``/``mv``/``dot``: every output element is a length-``K`` dot product."""
+    a, out = _jit_shape(inputs[0]), _jit_shape(outputs[0])
+    if a is None or out is None or not a:
+        raise MacsError("matmul operand or output shapes are unknown in the trace")
+    return int(math.prod(out) * a[-1])
+
+
+def _outer_jit(inputs: list[Any], outputs: list[Any]) -> int:
+    out = _jit_shape(outputs[0])
+    if out is None:
+        raise MacsError("outer product output shape is unknown in the trace")
+    return int(math.prod(out))
+
+
 def _baddbmm_jit(inputs: list[Any], outputs: list[Any]) -> int:
     a, b = _jit_shape(inputs[1]), _jit_shape(inputs[2])
     if a is None or b is None:
@@ -138,12 +160,25 @@ def _baddbmm_jit(inputs: list[Any], outputs: list[Any]) -> int:
 FVCORE_EXTRA_HANDLES: dict[str, Callable[[list[Any], list[Any]], int]] = {
     "aten::scaled_dot_product_attention": _sdpa_jit,
     "aten::baddbmm": _baddbmm_jit,
+    "aten::matmul": _contracted_jit,
+    "aten::mm": _contracted_jit,
+    "aten::mv": _contracted_jit,
+    "aten::dot": _contracted_jit,
+    "aten::outer": _outer_jit,
 }
 
 
 # FlopCounterMode formulas (FLOPs = 2 x MACs). Tensor arguments arrive as shapes.
 def _sdpa_cpu_flops(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:
     return 2 * sdpa_macs(query, key, value)
+
+
+def _mv_flops(matrix: Any, vector: Any, *args: Any, **kwargs: Any) -> int:
+    return 2 * math.prod(matrix)
+
+
+def _dot_flops(a: Any, b: Any, *args: Any, **kwargs: Any) -> int:
+    return 2 * math.prod(a)
 
 
 def _layer_norm_flops(x: Any, normalized_shape: Any, weight: Any, *args: Any, **kwargs: Any):
@@ -163,6 +198,8 @@ def _flop_counter_mapping() -> dict[Any, Callable[..., int]]:
     aten = torch.ops.aten
     return {
         aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+        aten.mv: _mv_flops,
+        aten.dot: _dot_flops,
         aten.native_layer_norm: _layer_norm_flops,
         aten.native_group_norm: _group_norm_flops,
         aten._native_batch_norm_legit_no_training: _batch_norm_eval_flops,
@@ -344,10 +381,23 @@ def _fvcore_count(
 
 
 def _flopcounter_macs(model: nn.Module, inputs: Inputs) -> int:
+    """FLOPs / 2 of one eager forward pass under torch's ``FlopCounterMode``.
+
+    ``FlopCounterMode``'s module tracker registers an autograd hook on every module input that
+    requires grad. Under ``no_grad`` a *view* of a tensor that requires grad still requires grad
+    but has no ``grad_fn`` (torchgeo Panopticon expands its channel-attention query parameter
+    and feeds it to a submodule), and the hook fails with "Expected gradient function to be
+    set" (``inference_mode`` fails the same way). So the count runs with every parameter frozen
+    and the inputs detached, which leaves no tensor requiring grad; the parameters' flags are
+    restored afterwards, also on error.
+    """
+    if isinstance(inputs, Tensor):
+        inputs = inputs.detach()
+    elif isinstance(inputs, Mapping):
+        inputs = {k: v.detach() if isinstance(v, Tensor) else v for k, v in inputs.items()}
+    elif isinstance(inputs, Sequence):
+        inputs = [t.detach() if isinstance(t, Tensor) else t for t in inputs]
     module, args, _ = _prepare(model, inputs)
-    # FlopCounterMode's module tracker hooks autograd on every tensor that requires grad; views
-    # of parameters taken under no_grad (e.g. torchgeo Panopticon's expanded query) have none,
-    # so count with parameters frozen and restore their flags afterwards.
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)

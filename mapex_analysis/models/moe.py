@@ -5,33 +5,48 @@ Our reading of MAPEX (DESIGN.md section 4; the authors' code is not public):
 * The MLP of a transformer block is replaced by ``E = M * experts_per_modality`` routed experts
   (timm :class:`~timm.layers.Mlp`), grouped by modality (``expert_groups[e]`` names the
   modality owning expert ``e``), plus ``shared_experts`` that every token passes through.
-* A router scores the routed experts per token; each token keeps its ``top_k`` experts.
-  The combination is Switch/GShard style without renormalisation::
+* A router scores the routed experts per token (logits ``z``); each token keeps the ``top_k``
+  experts with the highest logits among those it may use. The combination is::
 
-      out(x) = sum_{e in topk(x)} p_e(x) * expert_e(x) + sum_s shared_s(x)
+      out(x) = sum_{e in topk(x)} g_e(x) * expert_e(x) + sum_s shared_s(x)
 
-  with ``p = softmax(router logits)`` over the (allowed) routed experts, so the router gets a
-  gradient through the gate even for ``top_k = 1``.
+  where the gate of a selected expert depends **only on its own logit**:
+
+  - learned routers (``pos_embed``, ``modality``): ``g_e = sigmoid(z_e)``, so the router gets
+    a gradient through the gate even for ``top_k = 1``;
+  - ``deterministic`` router (no learned router): ``g_e = 1``.
+
+  Why not the Switch/GShard gate ``softmax(z)[e]``? Its denominator sums over *every* allowed
+  expert, so physically removing an expert that no token ever selected would still rescale
+  every other token's gate. With a per-expert gate, removing experts that received no tokens
+  leaves the outputs unchanged (DESIGN.md section 4, modality-aware pruning), and removing an
+  expert is exactly masking its logit to ``-inf``.
 * Routers (the seed's "Type of Router" ablation), all scoring with one ``proj: nn.Linear(D, E)``
   so pruning slices the same rows in every kind:
 
   - ``deterministic``: a token of modality ``m`` may only use the experts of ``m``'s group
-    (logits of other experts are masked); ``proj`` only chooses *within* the group, which with
-    one expert per modality makes every gate exactly 1.
+    (logits of other experts are masked to ``-inf``); with ``experts_per_modality > 1`` the
+    choice *within* the group is still made by the ``proj`` logits (top-k), and every selected
+    expert has gate 1. With one expert per modality the routing is fixed and every gate is 1.
   - ``pos_embed``: learned linear router on the token plus its 2-D sin-cos position embedding;
     no modality signal is added.
   - ``modality``: learned linear router on the token plus a learned per-layer embedding of the
     token's modality (MAPEX's modality-conditioned router).
 
 * Tokens whose modality index is ``-1`` (the CLS token) use the shared experts only.
-* Load-balance loss (Switch Transformer, Fedus et al. 2021, eq. 4):
+* Load-balance loss (Switch Transformer, Fedus et al. 2021, eq. 4), a training signal only:
   ``aux = E * sum_e f_e * P_e`` with ``f_e`` the fraction of routed assignments sent to ``e``
-  and ``P_e`` the mean router probability of ``e`` over routed tokens; 1.0 when balanced.
-* Sparse dispatch: each routed expert runs only on the tokens that selected it
-  (``index_select`` / ``index_add_``), so MAC counters see the active cost.
+  and ``P_e`` the mean over routed tokens of ``softmax(z)`` over the experts the token may use
+  (all routed experts, or the token's group for ``deterministic``); 1.0 when balanced. The
+  softmax appears only here, never in the output.
+* Sparse dispatch: each routed expert runs only on the tokens that selected it. The
+  (token, slot) assignments are sorted by expert once, the tokens gathered once
+  (``index_select``), every expert with tokens runs on its contiguous slice, and the gated
+  results are scattered back with one ``index_add``, so MAC counters see the active cost.
 
 The layer returns its output, auxiliary loss and routing statistics explicitly
-(:class:`MoEOutput`); nothing is kept in module state between calls.
+(:class:`MoEOutput`); nothing that depends on the inputs is kept in module state between calls
+(the only cache holds the deterministic router's group masks, a function of the configuration).
 """
 
 from __future__ import annotations
@@ -108,16 +123,22 @@ class Routing:
     """Routing decision for flattened tokens (``T = B * N``).
 
     Attributes:
-        probs: ``(T, E)`` router probabilities (zero on masked experts, rows of CLS tokens 0).
-        top_idx: ``(T, k)`` selected routed experts.
-        top_gate: ``(T, k)`` gate weight of each selected expert (0 for tokens not routed).
+        probs: ``(T, E)`` softmax of the router logits over the experts each token may use
+            (0 on masked experts; rows of unrouted tokens, e.g. CLS, are 0). Used only by the
+            load-balance loss, never as a gate.
+        top_idx: ``(T, k)`` selected routed experts (top-k of the logits).
+        top_gate: ``(T, k)`` gate of each selected expert: ``sigmoid(logit)`` of that expert
+            for the learned routers, ``1`` for ``deterministic``; 0 where not selected.
         routed: ``(T,)`` bool, tokens that use routed experts (modality tokens, not CLS).
+        selected: ``(T, k)`` bool, slots that dispatch to their expert: the token is routed
+            and the expert's logit is finite (a masked or removed expert is never used).
     """
 
     probs: torch.Tensor
     top_idx: torch.Tensor
     top_gate: torch.Tensor
     routed: torch.Tensor
+    selected: torch.Tensor
 
 
 class Router(nn.Module):
@@ -185,9 +206,11 @@ class Router(nn.Module):
                     f"router has no embedding for modalities {missing}; "
                     f"valid modalities: {', '.join(self.modality_embed.keys())}"
                 )
-            table = torch.stack([self.modality_embed[m] for m in modalities])  # (M, D)
-            emb = table[modality_index.clamp(min=0)] * (modality_index >= 0).unsqueeze(-1)
-            h = h + emb
+            rows = [self.modality_embed[m] for m in modalities]
+            # (M + 1, D): the extra zero row is what index -1 (CLS) maps to under ``% (M + 1)``
+            table = torch.stack([*rows, rows[0].new_zeros(rows[0].shape)])
+            # index_select, not table[index]: advanced indexing is several times slower on CPU
+            h = h + table.index_select(0, modality_index % (len(rows) + 1))
         return cast(torch.Tensor, self.proj(h))
 
 
@@ -240,6 +263,9 @@ class MoEMLP(nn.Module):
         self.shared_experts = nn.ModuleList(Mlp(dim, hidden) for _ in range(shared_experts))
         self.router = Router(dim, len(self.expert_groups), router, modalities)
         self.top_k = top_k
+        # deterministic router: group masks per (modalities, expert_groups, device, dtype);
+        # a cache of configuration, not of inputs, and not part of the state dict
+        self._mask_cache: dict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def num_experts(self) -> int:
@@ -250,6 +276,68 @@ class MoEMLP(nn.Module):
         """Modality vocabulary used when the caller passes none: the groups, in order."""
         return tuple(dict.fromkeys(self.expert_groups))
 
+    def _group_masks(
+        self, modalities: tuple[str, ...], device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[bool, ...]]:
+        """Deterministic router tables per modality row ``m`` (row ``M`` is index ``-1``).
+
+        Returns:
+            ``(mask, has, has_host)``: additive logit mask ``(M + 1, E)``, ``0`` on the experts
+            of ``modalities[m]``'s group and ``-inf`` elsewhere (no mask on rows whose modality
+            has no expert, and on row ``M``); ``has`` ``(M + 1,)`` bool, the row's tokens are
+            routed; ``has_host`` the same for the ``M`` modalities, as a tuple. Cached per configuration (the key holds
+            ``expert_groups``, so pruning, which replaces them, invalidates it).
+        """
+        key = (modalities, tuple(self.expert_groups), device, dtype)
+        hit = self._mask_cache.get(key)
+        if hit is None:
+            M, E = len(modalities), self.num_experts
+            allowed = torch.tensor(
+                [[g == m for g in self.expert_groups] for m in modalities], dtype=torch.bool
+            ).reshape(M, E)
+            has = torch.cat([allowed.any(dim=1), torch.zeros(1, dtype=torch.bool)])  # (M + 1,)
+            blocked = torch.cat([~allowed, torch.zeros(1, E, dtype=torch.bool)]) & has[:, None]
+            mask = torch.zeros(M + 1, E, dtype=dtype).masked_fill_(blocked, float("-inf"))
+            hit = (mask.to(device), has.to(device), tuple(bool(h) for h in has[:M].tolist()))
+            if len(self._mask_cache) >= 8:
+                self._mask_cache.clear()
+            self._mask_cache[key] = hit
+        return hit
+
+    def _decide(
+        self,
+        x: torch.Tensor,
+        modality_index: torch.Tensor,
+        modalities: tuple[str, ...],
+        pos: torch.Tensor | None,
+    ) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[bool, ...]
+    ]:
+        """Top-k choice on flattened tokens.
+
+        Returns:
+            ``(logits, top_logit, top_idx, selected, routed, routed_rows)``: logits ``(T, E)``
+            (``-inf`` on experts outside a deterministic token's group), the top-k logits and
+            experts ``(T, k)``, ``selected`` ``(T, k)`` (routed token and finite logit),
+            ``routed`` ``(T,)`` and, per modality row, whether its tokens are routed.
+        """
+        logits = self.router(x, modality_index, modalities, pos)  # (T, E)
+        if self.router.kind == "deterministic":
+            mask, has, routed_rows = self._group_masks(modalities, x.device, logits.dtype)
+            row = modality_index % (len(modalities) + 1)  # -1 (CLS) -> row M
+            logits = logits + mask.index_select(0, row)
+            routed = has.index_select(0, row)
+        else:
+            routed = modality_index >= 0
+            routed_rows = (True,) * len(modalities)
+        k = min(self.top_k, self.num_experts)
+        if k == 1:
+            top_logit, top_idx = logits.max(dim=-1, keepdim=True)
+        else:
+            top_logit, top_idx = logits.topk(k, dim=-1)
+        selected = (top_logit > float("-inf")) & routed.unsqueeze(-1)
+        return logits, top_logit, top_idx, selected, routed, routed_rows
+
     def route(
         self,
         x: torch.Tensor,
@@ -257,7 +345,7 @@ class MoEMLP(nn.Module):
         modalities: Sequence[str],
         pos: torch.Tensor | None = None,
     ) -> Routing:
-        """Choose experts for flattened tokens.
+        """Choose experts for flattened tokens (what :meth:`forward` dispatches).
 
         Args:
             x: ``(T, D)`` tokens.
@@ -268,24 +356,17 @@ class MoEMLP(nn.Module):
         Returns:
             The :class:`Routing` decision.
         """
-        E = self.num_experts
-        routed = modality_index >= 0
-        logits = self.router(x, modality_index, modalities, pos)  # (T, E)
+        logits, top_logit, top_idx, selected, routed, _ = self._decide(
+            x, modality_index, tuple(modalities), pos
+        )
         if self.router.kind == "deterministic":
-            # allowed[m, e]: expert e belongs to modality m's group
-            allowed = torch.tensor(
-                [[g == m for g in self.expert_groups] for m in modalities],
-                dtype=torch.bool,
-                device=x.device,
-            ).reshape(len(modalities), E)
-            token_allowed = allowed[modality_index.clamp(min=0)]  # (T, E)
-            routed = routed & token_allowed.any(dim=-1)
-            logits = logits.masked_fill(~token_allowed, float("-inf"))
-            logits = torch.where(routed.unsqueeze(-1), logits, torch.zeros_like(logits))
-        probs = torch.softmax(logits, dim=-1) * routed.unsqueeze(-1)  # (T, E)
-        k = min(self.top_k, E)
-        top_gate, top_idx = probs.topk(k, dim=-1)
-        return Routing(probs=probs, top_idx=top_idx, top_gate=top_gate, routed=routed)
+            gate = selected.to(top_logit.dtype)
+        else:
+            gate = torch.sigmoid(top_logit) * selected
+        probs = torch.softmax(logits.t(), dim=0).t() * routed.unsqueeze(-1)
+        return Routing(
+            probs=probs, top_idx=top_idx, top_gate=gate, routed=routed, selected=selected
+        )
 
     def forward(
         self,
@@ -312,35 +393,71 @@ class MoEMLP(nn.Module):
         B, N, D = x.shape
         flat = x.reshape(B * N, D)  # (T, D)
         idx = modality_index.reshape(B * N)
-        pos_flat = pos.reshape(B * N, D) if pos is not None else None
-        E = self.num_experts
-        out = torch.zeros_like(flat)
-        aux = flat.new_zeros(())
-        counts = torch.zeros(len(mods), E, dtype=torch.long, device=x.device)
-        if E > 0:
-            r = self.route(flat, idx, mods, pos_flat)
-            selected = r.top_gate > 0  # (T, k); unrouted tokens carry gate 0
-            for e, expert in enumerate(self.experts):
-                hit = (r.top_idx == e) & selected  # (T, k)
-                tok = hit.any(dim=-1).nonzero(as_tuple=True)[0]  # tokens routed to e
-                if tok.numel() == 0:
-                    continue
-                gate = (r.top_gate * hit).sum(dim=-1).index_select(0, tok)  # (n_e,)
-                y = expert(flat.index_select(0, tok)) * gate.unsqueeze(-1)
-                out.index_add_(0, tok, y)
-            n_routed = r.routed.sum()
-            if int(n_routed) > 0:
-                assign = torch.zeros(flat.shape[0], E, device=x.device, dtype=flat.dtype)
-                assign.scatter_(1, r.top_idx, selected.to(flat.dtype))  # (T, E) 0/1
-                f = assign.sum(0) / assign.sum().clamp(min=1)
-                p = r.probs.sum(0) / n_routed
-                aux = E * (f * p).sum()
-                m_idx = idx[r.routed]
-                one_hot = torch.nn.functional.one_hot(m_idx, len(mods)).float()  # (T_r, M)
-                # exact for fewer than 2**24 tokens per call
-                counts = (one_hot.T @ assign[r.routed].float()).detach().round().long()  # (M, E)
+        M, E = len(mods), self.num_experts
+
+        out: torch.Tensor | None = None
         for shared in self.shared_experts:
-            out = out + shared(flat)
+            y_s = shared(flat)
+            out = y_s if out is None else out + y_s
+        if E == 0:
+            stats = RoutingStats(
+                counts=torch.zeros(M, 0, dtype=torch.long, device=x.device),
+                modalities=mods,
+                expert_groups=(),
+            )
+            res = out if out is not None else torch.zeros_like(flat)
+            return MoEOutput(out=res.reshape(B, N, D), aux_loss=flat.new_zeros(()), stats=stats)
+
+        pos_flat = pos.reshape(B * N, D) if pos is not None else None
+        logits, top_logit, top_idx, selected, routed, routed_rows = self._decide(
+            flat, idx, mods, pos_flat
+        )
+        k = top_idx.shape[1]
+        eid = torch.where(selected, top_idx, E)  # (T, k); E marks an unused slot
+        # One bincount over (modality row, expert) pairs, with row 0 for index -1 (CLS) and
+        # column E for unused slots; one tolist() then gives every size the dispatch needs.
+        key = ((idx + 1) * (E + 1)).unsqueeze(-1) + eid
+        table = torch.bincount(key.reshape(-1), minlength=(M + 1) * (E + 1)).view(M + 1, E + 1)
+        counts = table[1:, :E]  # (M, E) assignments per modality and routed expert
+        rows = table.tolist()
+        sizes = [sum(col) for col in zip(*rows[1:], strict=True)][:E] if M else [0] * E
+        n_sel = sum(sizes)
+        # routed tokens: every token of a routed modality row (each has k slots in its row)
+        n_routed = sum(sum(r) for r, on in zip(rows[1:], routed_rows, strict=True) if on) // k
+        if n_sel > 0:
+            # Sort the (token, slot) assignments by expert: each expert's tokens become one
+            # contiguous slice of a single gather; unused slots (E) sort last and are cut.
+            order = torch.argsort(eid.reshape(-1), stable=True)
+            if n_sel < order.shape[0]:
+                order = order[:n_sel]
+            tok = order if k == 1 else torch.div(order, k, rounding_mode="floor")
+            xs = flat.index_select(0, tok)
+            ys: list[torch.Tensor] = []
+            start = 0
+            for expert, n in zip(self.experts, sizes, strict=True):
+                if n:  # experts without tokens do not run
+                    ys.append(expert(xs if n == n_sel else xs[start : start + n]))
+                    start += n
+            y = ys[0] if len(ys) == 1 else torch.cat(ys)
+            if self.router.kind != "deterministic":  # deterministic gates are exactly 1
+                gate = torch.sigmoid(top_logit.reshape(-1).index_select(0, order))
+                y = y * gate.unsqueeze(-1)
+            if out is None:
+                out = torch.zeros_like(flat)
+            # In place into the shared expert's output: nothing saved it for backward (linear
+            # layers keep their inputs, not their outputs).
+            out.index_add_(0, tok, y)
+        if out is None:
+            out = torch.zeros_like(flat)
+
+        # Switch load-balance loss, a training signal only: f_e from the counts, P_e the mean
+        # over routed tokens of the softmax over the allowed experts (dim 0 of the (E, T) view
+        # is the fast softmax layout on CPU).
+        probs_t = torch.softmax(logits.t(), dim=0)
+        p_sum = (probs_t * routed.to(probs_t.dtype)).sum(dim=1)  # (E,)
+        scale = E / (max(n_sel, 1) * max(n_routed, 1))
+        weight = torch.tensor([scale * s for s in sizes], dtype=p_sum.dtype, device=x.device)
+        aux = (weight * p_sum).sum()
         stats = RoutingStats(
             counts=counts, modalities=mods, expert_groups=tuple(self.expert_groups)
         )

@@ -148,7 +148,7 @@ class CopernicusFMAdapter(Adapter):
         Returns:
             ``(B, D)``.
         """
-        return self.model.fc_norm(tokens[:, 1:].mean(dim=1))
+        return self.model.fc_norm(tokens[:, self.num_prefix_tokens :].mean(dim=1))
 
 
 @register_model(family="copernicusfm", accepts_weights=True, description="Copernicus-FM test size")

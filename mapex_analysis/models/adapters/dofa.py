@@ -113,7 +113,7 @@ class DOFAAdapter(Adapter):
         Returns:
             ``(B, D)``.
         """
-        return self.model.fc_norm(tokens[:, 1:].mean(dim=1))
+        return self.model.fc_norm(tokens[:, self.num_prefix_tokens :].mean(dim=1))
 
 
 def _dofa(weights: str | Path | None, defaults: dict[str, Any], kwargs: dict[str, Any]) -> Any:

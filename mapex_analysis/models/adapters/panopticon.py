@@ -9,9 +9,13 @@ direction unknown; the code indexes transmit/receive/orbit embeddings as in Pano
 ``sentinel1.yaml``). Elevation has no channel id and is not accepted.
 
 Pooling: the timm head's ``"token"`` pool (CLS token after the final norm); ``forward_features``
-returns the final normed tokens ``(B, 1 + N, 768)``. The backbone width is fixed at 768 by the
-upstream constructor; only the channel-attention width ``attn_dim`` and the image size vary.
-Normalisation: the project's per-band statistics.
+returns the final normed tokens ``(B, 1 + N, 768)``. The upstream constructor always builds the
+full DINOv2 ViT-B/14 backbone (``timm.create_model("vit_base_patch14_dinov2")``, width 768, 12
+blocks); only the channel-attention width ``attn_dim`` and the image size are arguments. A smaller
+configuration can therefore only be had by removing blocks: ``depth`` keeps the first ``depth``
+blocks through timm's own ``VisionTransformer.prune_intermediate_layers`` (final norm and pooling
+kept). ``panopticon_test`` uses 2 blocks (~14.2 M parameters instead of ~98 M); the width stays
+768. Normalisation: the project's per-band statistics.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ SAR_CHANNEL_IDS: dict[str, float] = {"VV": -1.0, "VH": -2.0}
 
 _MODALITIES: tuple[str, ...] = ("rgb", "red_edge", "nir", "swir", "sar")
 _PATCH = 14  # fixed by the upstream DINOv2 backbone
+_UPSTREAM_DEPTH = 12  # blocks of the upstream backbone, timm's vit_base_patch14_dinov2
 
 
 class PanopticonAdapter(Adapter):
@@ -51,8 +56,12 @@ class PanopticonAdapter(Adapter):
     Args:
         img_size: Input size in pixels (a multiple of 14).
         attn_dim: Width of the channel attention of the patch embedding.
+        depth: Number of backbone blocks kept (``None``: all 12 of the upstream model).
         modalities: Accepted modalities (subset of rgb, red_edge, nir, swir, sar).
         fill: Not used (any band subset is taken); accepted for a uniform API.
+
+    Raises:
+        ValueError: for ``depth`` outside ``[1, 12]``.
     """
 
     family = "panopticon"
@@ -66,9 +75,12 @@ class PanopticonAdapter(Adapter):
         *,
         img_size: int = 224,
         attn_dim: int = 2304,
+        depth: int | None = None,
         modalities: Sequence[str] = _MODALITIES,
         fill: FillPolicy | None = None,
     ) -> None:
+        if depth is not None and not 1 <= depth <= _UPSTREAM_DEPTH:
+            raise ValueError(f"Panopticon depth must be in [1, {_UPSTREAM_DEPTH}], got {depth}")
         bands = tuple(b for m in modalities for b in bands_of(m))
         super().__init__(
             modalities=modalities,
@@ -82,6 +94,9 @@ class PanopticonAdapter(Adapter):
         )
         self.model = Panopticon(attn_dim=attn_dim, embed_dim=768, img_size=img_size)
         vit: Any = self.model.model  # a timm VisionTransformer (typed nn.Module upstream)
+        if depth is not None:
+            # keep blocks 0 .. depth - 1, the final norm and the CLS pooling
+            vit.prune_intermediate_layers([depth - 1], prune_norm=False, prune_head=False)
         self.num_features = int(vit.num_features)
         self.embed_dim = self.num_features
         self.weight_enums = tuple(Panopticon_Weights)
@@ -143,8 +158,11 @@ class PanopticonAdapter(Adapter):
 
 @register_model(family="panopticon", accepts_weights=True, description="Panopticon test size")
 def panopticon_test(weights: str | Path | None = None, **kwargs: Any) -> PanopticonAdapter:
-    """Panopticon at a small size for tests (28 px, channel attention 48; ViT-B backbone)."""
-    cfg = dict(img_size=28, attn_dim=48)
+    """Panopticon at a small size for tests (28 px, channel attention 48, 2 of 12 blocks).
+
+    The upstream constructor fixes the backbone width at 768 (see the module docstring).
+    """
+    cfg = dict(img_size=28, attn_dim=48, depth=2)
     return build(PanopticonAdapter, weights, **{**cfg, **kwargs})  # type: ignore[return-value]
 
 
