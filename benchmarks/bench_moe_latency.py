@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         "--model",
         default=None,
         help="Registry name or checkpoint directory (default: the trained checkpoint "
-        f"{DEFAULT_CHECKPOINT} if present, else mapex_tiny at random init).",
+        f"{DEFAULT_CHECKPOINT}, or {DEFAULT_CHECKPOINT}_<router> with --router, if present; "
+        "else mapex_tiny at random init).",
     )
     parser.add_argument("--modality", default="sar")
     parser.add_argument("--router", default=None, help="Router kind override (default: model's).")
@@ -80,7 +81,15 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     if args.model is None:
-        args.model = DEFAULT_CHECKPOINT if Path(DEFAULT_CHECKPOINT).is_dir() else "mapex_tiny"
+        # the study trains one checkpoint per router: models/mapex_tiny (modality router) and
+        # models/mapex_tiny_<router>; without it, mapex_tiny at random init with that router
+        ckpt = DEFAULT_CHECKPOINT
+        if args.router not in (None, "modality"):
+            ckpt = f"{DEFAULT_CHECKPOINT}_{args.router}"
+        if Path(ckpt).is_dir():
+            args.model, args.router = ckpt, None  # a checkpoint is loaded as saved
+        else:
+            args.model = "mapex_tiny"
     overrides = {"router": args.router} if args.router else {}
     mapex = create_model(args.model, **overrides).eval()
     x = example_inputs(mapex, batch_size=args.batch_size, modalities=[args.modality])

@@ -21,12 +21,28 @@ def _inputs(B: int = 2, N: int = 12, D: int = 16, seed: int = 0) -> tuple[torch.
 
 
 def _dense_reference(moe: MoEMLP, x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor):
-    """Every expert on every token, then keep the gate-weighted top-k: the slow definition."""
+    """Every expert on every token, then keep the gated top-k: the slow definition.
+
+    Written from the definition, not from ``moe.route``: deterministic tokens may only use
+    their modality's group; top-k by logit; gate ``sigmoid(logit)`` (learned routers) or ``1``
+    (deterministic); CLS tokens (index -1) take the shared experts only.
+    """
     B, N, D = x.shape
     flat, fidx, fpos = x.reshape(-1, D), idx.reshape(-1), pos.reshape(-1, D)
-    r = moe.route(flat, fidx, MODS, fpos)
+    logits = moe.router(flat, fidx, MODS, fpos)  # (T, E)
+    routed = fidx >= 0
+    if moe.router.kind == "deterministic":
+        groups = [MODS.index(g) for g in moe.expert_groups]
+        allowed = torch.tensor(groups).unsqueeze(0) == fidx.unsqueeze(1)  # (T, E)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    top_logit, top_idx = logits.topk(moe.top_k, dim=-1)
+    if moe.router.kind == "deterministic":
+        gate = torch.ones_like(top_logit)
+    else:
+        gate = torch.sigmoid(top_logit)
+    gate = gate * routed.unsqueeze(-1)
     all_out = torch.stack([e(flat) for e in moe.experts], dim=1)  # (T, E, D)
-    gates = torch.zeros(flat.shape[0], moe.num_experts).scatter(1, r.top_idx, r.top_gate)
+    gates = torch.zeros(flat.shape[0], moe.num_experts).scatter(1, top_idx, gate)
     out = (all_out * gates.unsqueeze(-1)).sum(1)
     for s in moe.shared_experts:
         out = out + s(flat)
@@ -78,6 +94,62 @@ def test_deterministic_balanced_aux_loss_is_one() -> None:
     x = torch.randn(1, 6, 8)
     idx = torch.tensor([[0, 1, 2, 0, 1, 2]])
     assert moe(x, idx, MODS).aux_loss.item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_deterministic_router_with_one_expert_per_modality_has_gate_one() -> None:
+    torch.manual_seed(0)
+    moe = MoEMLP(16, 24, MODS, experts_per_modality=1, router="deterministic")
+    with torch.no_grad():  # logits far from 0: a sigmoid or softmax gate would not be 1
+        moe.router.proj.weight.normal_(std=1.0)
+        moe.router.proj.bias.normal_(std=3.0)
+    x, idx, pos = _inputs()
+    flat, fidx = x.reshape(-1, 16), idx.reshape(-1)
+    r = moe.route(flat, fidx, MODS, pos.reshape(-1, 16))
+    n_routed = 2 * 11  # 2 rows x 11 modality tokens (token 0 is CLS)
+    assert r.top_gate.shape == (24, 1)
+    assert int(r.routed.sum()) == n_routed
+    assert torch.equal(r.top_gate[r.routed], torch.ones(n_routed, 1))
+    assert float(r.top_gate[~r.routed].abs().sum()) == 0.0
+    assert torch.equal(r.top_idx[r.routed, 0], fidx[r.routed])  # modality m -> expert m
+    # so a modality token's output is exactly its modality's expert plus the shared expert
+    out = moe(x, idx, MODS, pos).out.reshape(-1, 16)
+    tok = r.routed.nonzero().squeeze(1)
+    expected = torch.stack(
+        [moe.experts[int(fidx[t])](flat[t]) + moe.shared_experts[0](flat[t]) for t in tok]
+    )
+    torch.testing.assert_close(out[tok], expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("router", ["modality", "pos_embed"])
+def test_learned_router_gate_is_the_sigmoid_of_the_selected_logit(router: str) -> None:
+    torch.manual_seed(0)
+    moe = MoEMLP(16, 24, MODS, experts_per_modality=2, top_k=2, router=router)
+    x, idx, pos = _inputs(B=2, N=12)
+    flat, fidx, fpos = x.reshape(-1, 16), idx.reshape(-1), pos.reshape(-1, 16)
+    with torch.no_grad():
+        r = moe.route(flat, fidx, MODS, fpos)
+        logits = moe.router(flat, fidx, MODS, fpos)
+    assert r.top_idx.shape == r.top_gate.shape == (24, 2)
+    assert torch.equal(r.top_idx[r.routed], logits.topk(2, dim=-1).indices[r.routed])
+    expected = torch.sigmoid(logits.gather(1, r.top_idx)) * r.routed.unsqueeze(-1)
+    torch.testing.assert_close(r.top_gate, expected, atol=1e-7, rtol=0)
+    assert float(r.top_gate[~r.routed].abs().sum()) == 0.0  # CLS: no routed expert
+
+
+def test_aux_loss_is_the_switch_formula_over_softmax_probabilities() -> None:
+    torch.manual_seed(0)
+    moe = MoEMLP(16, 24, MODS, experts_per_modality=2, top_k=2, router="modality")
+    x, idx, pos = _inputs(B=3, N=10)
+    res = moe(x, idx, MODS, pos)
+    with torch.no_grad():
+        r = moe.route(x.reshape(-1, 16), idx.reshape(-1), MODS, pos.reshape(-1, 16))
+    # f_e: share of the 3 * 9 * 2 = 54 assignments; P_e: mean softmax probability over the
+    # 27 routed tokens; aux = E * sum_e f_e * P_e
+    assert int(res.stats.counts.sum()) == 54
+    f = res.stats.counts.sum(0).float() / 54
+    p = r.probs[r.routed].mean(0)
+    assert r.probs[r.routed].sum(1).sub(1).abs().max().item() < 1e-6  # rows are softmaxes
+    assert res.aux_loss.item() == pytest.approx(6 * float((f * p).sum()), rel=1e-6)
 
 
 def test_counts_sum_to_tokens_times_top_k() -> None:

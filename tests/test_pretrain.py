@@ -101,6 +101,14 @@ def test_config_errors_name_the_problem(tmp_path: Path) -> None:
         PretrainConfig.model_validate(_config(tmp_path, model="mapex_huge"))
     with pytest.raises(ValidationError, match="max_step\n  Extra inputs are not permitted"):
         PretrainConfig.model_validate(_config(tmp_path, max_step=3))
+    doc = _config(tmp_path)
+    doc["data"] = {**doc.get("data", {}), "clouds": 1.5}
+    with pytest.raises(
+        ValidationError, match=r"data\.clouds\n  Input should be less than or equal to 1"
+    ):
+        PretrainConfig.model_validate(doc)
+    doc["data"]["clouds"] = 0.0
+    assert PretrainConfig.model_validate(doc).data.clouds == 0.0
 
 
 def test_cli_pretrain_writes_a_loadable_checkpoint(tmp_path: Path) -> None:

@@ -35,9 +35,9 @@ def _n(model: nn.Module) -> int:
 def _masked_reference(model: nn.Module, pruned: nn.Module) -> nn.Module:
     """The unpruned model with the router logit of every removed expert set to -inf.
 
-    ``logits = proj(h)``; a bias of -inf makes the removed experts' logits -inf, so the softmax
-    gives them probability 0 and top-k never selects them (a selected zero-gate slot is
-    skipped by the dispatch).
+    ``logits = proj(h)``; a bias of -inf makes the removed experts' logits -inf, so top-k never
+    selects them (a slot left with a -inf logit, when fewer than k experts remain, is not
+    dispatched) and the gates of the others, which depend only on their own logits, stay.
     """
     ref = copy.deepcopy(model)
     layers = moe_layers(ref)
@@ -119,6 +119,65 @@ def test_routing_pruning_that_cuts_traffic_still_equals_masking() -> None:
         torch.testing.assert_close(
             pruned(x), _masked_reference(model, pruned)(x), atol=1e-6, rtol=0
         )
+
+
+@pytest.mark.parametrize(
+    ("router", "per_mod", "top_k"),
+    [("modality", 1, 1), ("pos_embed", 2, 2), ("deterministic", 2, 1), ("modality", 2, 2)],
+)
+def test_removing_experts_no_calibration_token_reached_leaves_outputs_unchanged(
+    router: str, per_mod: int, top_k: int
+) -> None:
+    model = _mapex(router=router, experts_per_modality=per_mod, top_k=top_k)
+    keep, forced = ["rgb", "sar"], 1  # expert 1: rgb's second expert, or red_edge's
+    with torch.no_grad():  # make sure every layer has an expert no token reaches
+        for moe in moe_layers(model).values():
+            moe.router.proj.bias[forced] = -1e4
+    calib = [_inputs(model, keep, seed=s, batch=4) for s in (1, 2)]
+    pruned = prune_experts(model, keep, strategy="routing", calibration=calib, coverage=1.0)
+    report = pruned.op_report
+    # coverage 1.0 removes exactly the experts without calibration traffic
+    assert report["traffic_to_removed"]["overall"] == 0.0
+    assert set(report["traffic_to_removed"]["per_layer"].values()) == {0.0}
+    # 2 batches x 4 scenes x 2 modalities x 4 patches = 64 routed tokens per layer, top-k
+    assert report["traffic_to_removed"]["assignments"] == 2 * 64 * top_k
+    for row in report["layers"]:
+        assert row["removed"] == [e for e, c in enumerate(row["calibration_counts"]) if c == 0]
+        assert forced in row["removed"]
+    layers = moe_layers(model)
+    captured: dict[str, tuple] = {}
+    hooks = [
+        moe.register_forward_pre_hook(lambda _m, args, name=name: captured.__setitem__(name, args))
+        for name, moe in layers.items()
+    ]
+    removed_mass = 0.0
+    try:
+        with torch.no_grad():
+            for x in calib:
+                feats, info = model.forward_features(x, return_routing=True)
+                # the routing statistics agree: no token reached a removed expert
+                for i, row in enumerate(report["layers"]):
+                    assert int(info.stats[i].counts[:, row["removed"]].sum()) == 0
+                # ... so every token's output is unchanged, on the fed modalities
+                torch.testing.assert_close(pruned.forward_features(x), feats, atol=1e-6, rtol=0)
+                for row in report["layers"]:
+                    h, idx, mods, pos = captured[row["module"]]
+                    D = h.shape[-1]
+                    r = layers[row["module"]].route(
+                        h.reshape(-1, D),
+                        idx.reshape(-1),
+                        mods,
+                        None if pos is None else pos.reshape(-1, D),
+                    )
+                    mass = r.probs[r.routed][:, row["removed"]].sum(1).max().item()
+                    removed_mass = max(removed_mass, mass)
+    finally:
+        for h in hooks:
+            h.remove()
+    if router != "deterministic":
+        # the removed experts held softmax mass: a Switch gate softmax(z)[e] over all experts
+        # would have rescaled every kept gate when they were removed
+        assert removed_mass > 1e-3
 
 
 @pytest.mark.parametrize(

@@ -143,3 +143,27 @@ def test_kill_and_resume_equals_uninterrupted(
     got = read_results(study.study_dir)
     assert not got.duplicated(subset=[c for c in got.columns if c != "value"]).any()
     pd.testing.assert_frame_equal(_drop_cell_col(got), _drop_cell_col(expected))
+
+
+def test_finetune_protocol_runs_in_a_study(tmp_path: Path) -> None:
+    study = parse_study({
+        "name": "ft",
+        "models": {"m": {"source": "mapex_test", "role": "mapex"}},
+        "data": {"n_train": 24, "n_test": 16, "img_size": 16, "batch_size": 16},
+        "tasks": ["landcover"],
+        "operators": {"prune": {"sets": [["sar"]]}},
+        "protocols": ["finetune"],
+        "finetune": {"epochs": 1, "batch_size": 8},
+        "measurements": ["params"],
+        "output_dir": str(tmp_path),
+    })  # fmt: skip
+    summary = run_study(study)
+    df = read_results(study.study_dir)
+    ft = df[df["protocol"] == "finetune"]
+    # base@all, base@sar and prune[sar] each fine-tuned once on land cover (16 test scenes)
+    assert summary.ran == summary.cells
+    assert sorted(ft["variant"].unique().tolist()) == ["base", "prune[sar]"]
+    assert len(ft) == 3
+    assert set(ft["metric"]) == {"accuracy"} and set(ft["unit"]) == {"fraction"}
+    assert ((ft["value"] * 16).round(6) % 1 == 0).all()  # a share of the 16 test scenes
+    assert ft["value"].between(0.0, 1.0).all()

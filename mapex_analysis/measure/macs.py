@@ -20,8 +20,9 @@ ops our models trace to that fvcore does not know:
   these MACs (144 on ``panopticon_test`` fed 3 optical channels, batch 2).
 
 Every other op fvcore has no handle for (elementwise ``add``/``mul``/``gelu``, ``softmax``,
-``max``/``topk``, ``argsort``, ``index_select``/``index_add`` of the MoE dispatch...) is **not counted and
-is listed** in :attr:`MacsReport.unsupported` with its number of calls, never dropped silently.
+``max``/``topk``, ``argsort``, ``index_select``/``index_add`` of the MoE dispatch...) is **not
+counted and is listed** in :attr:`MacsReport.unsupported` with its number of calls, never
+dropped silently.
 Normalisation layers use fvcore's estimate (5 operations per element with an affine transform,
 4 without; eval-mode batch norm 2 or 1).
 

@@ -145,12 +145,18 @@ class MAPEX(TokenEncoder):
             for i in range(depth)
         )
 
+    def uses_positions(self) -> bool:
+        """Only the ``pos_embed`` router reads per-token position embeddings."""
+        return any(
+            isinstance(b.mlp, MoEMLP) and b.mlp.router.kind == "pos_embed" for b in self.blocks
+        )
+
     def run_block(
         self,
         i: int,
         x: torch.Tensor,
         modality_index: torch.Tensor,
-        pos: torch.Tensor,
+        pos: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, RoutingStats | None]:
         """Run MAPEX block ``i`` with the model's current modalities."""
         block = cast(MAPEXBlock, self.blocks[i])

@@ -77,16 +77,24 @@ class TokenEncoder(nn.Module):
         return self.tokenizer.modality_embed
 
     # -- blocks ---------------------------------------------------------------------------
+    def uses_positions(self) -> bool:
+        """Whether :meth:`run_block` reads the per-token position embedding ``pos``.
+
+        The base blocks do not, so :meth:`encode` skips building ``pos`` (``None``).
+        """
+        return False
+
     def run_block(
         self,
         i: int,
         x: torch.Tensor,
         modality_index: torch.Tensor,
-        pos: torch.Tensor,
+        pos: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, RoutingStats | None]:
         """Run block ``i``; return ``(tokens, aux_loss or None, stats or None)``.
 
         The base implementation calls ``self.blocks[i](x)`` (a dense timm ``Block``).
+        ``pos`` is ``(B, 1 + N, D)`` when :meth:`uses_positions` says so, else ``None``.
         """
         return self.blocks[i](x), None, None
 
@@ -110,16 +118,19 @@ class TokenEncoder(nn.Module):
 
     def _prepare(
         self, tokens: torch.Tensor, modality_index: torch.Tensor, positions: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B = tokens.shape[0]
-        if positions is None:
-            positions = self.tokenizer.positions_from_index(modality_index)
-        table = cast(torch.Tensor, self.tokenizer.pos_embed)
-        pos = table.to(tokens.dtype)[positions]  # (B, N, D)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        B, N, D = tokens.shape
         x = torch.cat([self.cls_token.expand(B, -1, -1).to(tokens.dtype), tokens], dim=1)
         cls_idx = torch.full((B, 1), -1, dtype=torch.long, device=tokens.device)
         idx = torch.cat([cls_idx, modality_index.to(tokens.device)], dim=1)  # (B, 1+N)
-        pos = torch.cat([pos.new_zeros(B, 1, pos.shape[-1]), pos], dim=1)
+        if not self.uses_positions():  # nothing reads it: do not build it on every call
+            return x, idx, None
+        if positions is None:
+            positions = self.tokenizer.positions_from_index(modality_index)
+        table = cast(torch.Tensor, self.tokenizer.pos_embed).to(tokens.dtype)
+        # index_select on the flattened index: advanced indexing is several times slower on CPU
+        pos = table.index_select(0, positions.reshape(-1).to(table.device)).view(B, N, D)
+        pos = torch.cat([pos.new_zeros(B, 1, D), pos], dim=1)  # CLS: no position
         return x, idx, pos
 
     def _run(

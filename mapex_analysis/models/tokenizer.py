@@ -160,9 +160,10 @@ class ModalityTokenizer(nn.Module):
         parts, index = [], []
         for m in present:
             t = self.patch_embed[m](normalize(m, x[m].float()))  # (B, L, D)
-            parts.append(t + self.pos_embed.to(t.dtype) + self.modality_embed[m])
+            # (L, D) position + modality embedding first: one add over the batch, not two
+            parts.append(t + (self.pos_embed.to(t.dtype) + self.modality_embed[m]))
             index.append(torch.full((L,), own.index(m), dtype=torch.long))
-        tokens = torch.cat(parts, dim=1)  # (B, N, D)
+        tokens = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, N, D)
         B, N = tokens.shape[:2]
         modality_index = torch.cat(index).to(tokens.device).expand(B, N)
         positions = torch.arange(L, device=tokens.device).repeat(len(present)).expand(B, N)

@@ -13,10 +13,12 @@ them. :func:`prune_experts` returns a new, physically smaller model for a modali
 The patch embeddings and modality embeddings of dropped modalities go, and so do the dropped
 experts with their router rows (``router.proj`` rows, and the modality router's embeddings of
 dropped modalities). Removing an expert is exactly masking its router logit to ``-inf`` before
-the softmax and top-k; note that MAPEX's gate is the softmax over *all* allowed routed
-experts (no renormalisation over the top-k), so removing an expert that no token selected
-still rescales the gates of the others. ``traffic_to_removed`` reports, per layer and overall,
-the share of calibration routing assignments that went to removed experts.
+the top-k. A selected expert's gate depends only on its own logit (``sigmoid`` for the learned
+routers, ``1`` for the deterministic one; see :mod:`mapex_analysis.models.moe`), so removing
+experts that no token selected leaves every output unchanged: if no calibration token reached
+a removed expert, the outputs on those calibration batches are unchanged.
+``traffic_to_removed`` reports, per layer and overall, the share of calibration routing
+assignments that went to removed experts.
 
 Planning is data (:class:`PrunePlan`, JSON-able, with the kept experts per layer so a
 checkpoint replays it exactly); the surgery is :func:`apply_prune_plan`.
@@ -275,7 +277,8 @@ def _coverage_set(counts: Tensor, coverage: float) -> list[int]:
 
 def _slice_rows(layer: nn.Linear, idx: list[int]) -> nn.Linear:
     rows = torch.tensor(idx, dtype=torch.long, device=layer.weight.device)
-    new = nn.Linear(layer.in_features, len(idx), bias=layer.bias is not None, device="meta")
+    # type(layer): the router's RouterProj stays a RouterProj (same parameters, faster layout)
+    new = type(layer)(layer.in_features, len(idx), bias=layer.bias is not None, device="meta")
     new.weight = nn.Parameter(
         layer.weight.detach().index_select(0, rows).clone(),
         requires_grad=layer.weight.requires_grad,

@@ -54,6 +54,8 @@ class DataConfig(BaseModel):
         img_size: Scene side in pixels (must match the model).
         modalities: Modalities to load; ``None`` = the model's.
         cache_dir: SynthEO cache directory (``None``: the default).
+        clouds: Probability that a scene is cloudy, in [0, 1]; ``None``: the ``pretrain``
+            task's default (0.2).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -62,6 +64,7 @@ class DataConfig(BaseModel):
     img_size: int = Field(default=32, ge=1)
     modalities: list[str] | None = None
     cache_dir: str | None = None
+    clouds: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 class PretrainConfig(BaseModel):
@@ -198,6 +201,7 @@ class PretrainDataModule(L.LightningDataModule):
             modalities=self.modalities,
             img_size=self.data_config.img_size,
             cache_dir=self.data_config.cache_dir,
+            clouds=self.data_config.clouds,
         )
         arrays = {m: a for m, a in ds.arrays().items() if m != "label"}
         self.train_set = _ArrayScenes(arrays)
@@ -395,7 +399,9 @@ def pretrain(
             ),
             "data": (
                 f"SynthEO `pretrain` train split, n={cfg.data.n}, seed={cfg.data.seed}, "
-                f"img_size={cfg.data.img_size}, modalities={list(datamodule.modalities)}"
+                f"img_size={cfg.data.img_size}, modalities={list(datamodule.modalities)}, "
+                "cloudy-scene probability "
+                + ("0.2 (task default)" if cfg.data.clouds is None else f"{cfg.data.clouds}")
             ),
             "command": f"`{cmd}`",
             "steps": trainer.global_step,
