@@ -105,6 +105,17 @@ def _knn(k: int, metric: str, standardize: bool) -> Pipeline:
     return make_pipeline(*steps)
 
 
+def _class_result(est: Pipeline, test_X: np.ndarray, test_y: np.ndarray) -> ProbeResult:
+    """Predictions, class probabilities, ``accuracy`` and ``macro_accuracy`` of a fitted probe."""
+    pred = est.predict(test_X)
+    return ProbeResult(
+        pred,
+        est.predict_proba(test_X),
+        {"accuracy": accuracy(test_y, pred), "macro_accuracy": macro_accuracy(test_y, pred)},
+        est,
+    )
+
+
 def knn_probe(
     train_X: np.ndarray,
     train_y: np.ndarray,
@@ -135,13 +146,7 @@ def knn_probe(
     _check_xy(train_X, train_y, test_X, test_y)
     _check_knn(k, metric, len(train_X))
     est = _knn(k, metric, standardize).fit(train_X, train_y)
-    pred = est.predict(test_X)
-    return ProbeResult(
-        pred,
-        est.predict_proba(test_X),
-        {"accuracy": accuracy(test_y, pred), "macro_accuracy": macro_accuracy(test_y, pred)},
-        est,
-    )
+    return _class_result(est, test_X, test_y)
 
 
 def _logreg(C: float, seed: int) -> LogisticRegression:
@@ -175,13 +180,7 @@ def linear_probe(
     """
     _check_xy(train_X, train_y, test_X, test_y)
     est = make_pipeline(StandardScaler(), _logreg(C, seed)).fit(train_X, train_y)
-    pred = est.predict(test_X)
-    return ProbeResult(
-        pred,
-        est.predict_proba(test_X),
-        {"accuracy": accuracy(test_y, pred), "macro_accuracy": macro_accuracy(test_y, pred)},
-        est,
-    )
+    return _class_result(est, test_X, test_y)
 
 
 def knn_multilabel_probe(

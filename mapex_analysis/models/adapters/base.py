@@ -62,6 +62,7 @@ __all__ = [
     "build",
     "capture_points",
     "download_state_dict",
+    "modality_bands",
     "project_normalization",
     "read_state_dict",
     "resolve_torchgeo_weights",
@@ -123,6 +124,11 @@ def project_normalization(bands: Iterable[str] | None = None) -> Normalization:
         {b: get_band(b).mean for b in names},
         {b: get_band(b).std for b in names},
     )
+
+
+def modality_bands(modalities: Iterable[str]) -> tuple[str, ...]:
+    """The bands of ``modalities``, concatenated in modality order."""
+    return tuple(b for m in modalities for b in bands_of(m))
 
 
 def torchgeo_band(name: str) -> str:
@@ -391,6 +397,17 @@ class Adapter(nn.Module):
     def _upstream_tokens(self, x: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """Run the upstream forward; return its tokens and, when it pools, its pooled output."""
         raise TypeError(f"{type(self).__name__} does not define _upstream_tokens")
+
+    def _run_reading(self, module: nn.Module, run: Callable[[], Tensor]) -> tuple[Tensor, Tensor]:
+        """Call ``run`` (the upstream forward) while a forward hook reads ``module``'s output.
+
+        Returns:
+            ``module``'s output and what ``run`` returned.
+        """
+        store: dict[int, Tensor] = {}
+        with capture_points([(module, "out")], {0}, store):
+            result = run()
+        return store[0], result
 
     def forward_features(self, x: Mapping[str, Tensor]) -> Tensor:
         """Upstream tokens ``(B, T, D)`` (``num_prefix_tokens`` CLS tokens first).

@@ -28,12 +28,12 @@ from torch import Tensor
 from torchgeo.models import CopernicusFM
 from torchgeo.models.copernicusfm import CopernicusFM_Base_Weights
 
-from mapex_analysis.modalities import bands_of, get_band, wavelengths
+from mapex_analysis.modalities import get_band, wavelengths
 from mapex_analysis.models.adapters.base import (
     Adapter,
     FillPolicy,
     build,
-    capture_points,
+    modality_bands,
     project_normalization,
 )
 from mapex_analysis.models.registry import register_model
@@ -85,7 +85,7 @@ class CopernicusFMAdapter(Adapter):
         sar_bandwidth_nm: float = 1e9,
         fill: FillPolicy | None = None,
     ) -> None:
-        bands = tuple(b for m in modalities for b in bands_of(m))
+        bands = modality_bands(modalities)
         super().__init__(
             modalities=modalities,
             bands=bands,
@@ -130,13 +130,12 @@ class CopernicusFMAdapter(Adapter):
         inp, bands = self.prepare_input(x)
         wl_nm, bw_nm = self.spectral_inputs(bands)
         metadata = torch.full((inp.shape[0], 4), float("nan"), device=inp.device)  # unknown
-        store: dict[int, Tensor] = {}
-        last = len(self.blocks) - 1
-        with capture_points([(b, "out") for b in self.blocks], {last}, store):
-            pooled = self.model(
+        return self._run_reading(
+            self.blocks[-1],
+            lambda: self.model(
                 inp, metadata, wavelengths=wl_nm, bandwidths=bw_nm, input_mode="spectral"
-            )
-        return store[last], pooled
+            ),
+        )
 
     def forward_head(self, tokens: Tensor, pre_logits: bool = True) -> Tensor:
         """Copernicus-FM's global pool: mean of the patch tokens, then ``fc_norm``.

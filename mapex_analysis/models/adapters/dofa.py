@@ -23,12 +23,12 @@ from torch import Tensor
 from torchgeo.models import DOFA
 from torchgeo.models.dofa import DOFABase16_Weights, DOFALarge16_Weights
 
-from mapex_analysis.modalities import bands_of, wavelengths
+from mapex_analysis.modalities import wavelengths
 from mapex_analysis.models.adapters.base import (
     Adapter,
     FillPolicy,
     build,
-    capture_points,
+    modality_bands,
     project_normalization,
 )
 from mapex_analysis.models.registry import register_model
@@ -71,7 +71,7 @@ class DOFAAdapter(Adapter):
         modalities: tuple[str, ...] = OPTICAL_MODALITIES,
         fill: FillPolicy | None = None,
     ) -> None:
-        bands = tuple(b for m in modalities for b in bands_of(m))
+        bands = modality_bands(modalities)
         super().__init__(
             modalities=modalities,
             bands=bands,
@@ -97,11 +97,8 @@ class DOFAAdapter(Adapter):
     def _upstream_tokens(self, x: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         inp, bands = self.prepare_input(x)
         wl_um = wavelengths(bands, unit="um")
-        store: dict[int, Tensor] = {}
-        last = len(self.blocks) - 1
-        with capture_points([(b, "out") for b in self.blocks], {last}, store):
-            pooled = self.model(inp, wavelengths=wl_um)  # (B, D); head is Identity
-        return store[last], pooled
+        # (B, D) pooled; head is Identity
+        return self._run_reading(self.blocks[-1], lambda: self.model(inp, wavelengths=wl_um))
 
     def forward_head(self, tokens: Tensor, pre_logits: bool = True) -> Tensor:
         """DOFA's global pool: mean of the patch tokens, then ``fc_norm``.

@@ -30,12 +30,12 @@ from torchgeo.models import Panopticon
 from torchgeo.models.copernicusfm import resize_abs_pos_embed
 from torchgeo.models.panopticon import Panopticon_Weights
 
-from mapex_analysis.modalities import bands_of, get_band, wavelengths
+from mapex_analysis.modalities import get_band, wavelengths
 from mapex_analysis.models.adapters.base import (
     Adapter,
     FillPolicy,
     build,
-    capture_points,
+    modality_bands,
     project_normalization,
 )
 from mapex_analysis.models.registry import register_model
@@ -81,7 +81,7 @@ class PanopticonAdapter(Adapter):
     ) -> None:
         if depth is not None and not 1 <= depth <= _UPSTREAM_DEPTH:
             raise ValueError(f"Panopticon depth must be in [1, {_UPSTREAM_DEPTH}], got {depth}")
-        bands = tuple(b for m in modalities for b in bands_of(m))
+        bands = modality_bands(modalities)
         super().__init__(
             modalities=modalities,
             bands=bands,
@@ -119,11 +119,9 @@ class PanopticonAdapter(Adapter):
         inp, bands = self.prepare_input(x)
         ids = torch.tensor(self.channel_ids(bands), dtype=inp.dtype, device=inp.device)
         chn_ids = ids.unsqueeze(0).expand(inp.shape[0], -1).clone()  # (B, C); mutated upstream
-        store: dict[int, Tensor] = {}
         vit: Any = self.model.model
-        with capture_points([(vit.norm, "out")], {0}, store):
-            pooled = self.model({"imgs": inp, "chn_ids": chn_ids})  # (B, 768)
-        return store[0], pooled
+        # the final normed tokens and the pooled (B, 768)
+        return self._run_reading(vit.norm, lambda: self.model({"imgs": inp, "chn_ids": chn_ids}))
 
     def forward_head(self, tokens: Tensor, pre_logits: bool = True) -> Tensor:
         """The timm head's pooling (CLS token) of the final tokens.

@@ -23,8 +23,13 @@ from typing import Any
 
 from torch import Tensor
 
-from mapex_analysis.modalities import DEFAULT_MODALITIES, bands_of
-from mapex_analysis.models.adapters.base import Adapter, build, project_normalization
+from mapex_analysis.modalities import DEFAULT_MODALITIES
+from mapex_analysis.models.adapters.base import (
+    Adapter,
+    build,
+    modality_bands,
+    project_normalization,
+)
 from mapex_analysis.models.registry import register_model
 from mapex_analysis.models.vit import GroupChannelViT
 
@@ -59,7 +64,7 @@ class SatMAEAdapter(Adapter):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
     ) -> None:
-        bands = tuple(b for m in modalities for b in bands_of(m))
+        bands = modality_bands(modalities)
         super().__init__(
             modalities=modalities,
             bands=bands,
