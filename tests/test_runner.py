@@ -59,6 +59,19 @@ def test_grid_size_by_hand() -> None:
     keys = {(c.model, c.variant.key, "+".join(c.modalities)) for c in cells}
     assert ("m", "prune[rgb+sar]+slim[0.5,attn+mlp,first]", "rgb+sar") in keys
     assert not any(k[0] == "d" and "prune" in k[1] for k in keys)
+    # the dense model also slimmed at 0.5 on each of the 7 prune sets' inputs: 7 more variants
+    # (7 cost + 28 eval cells); 1.0 in the list is the unslimmed reference, not a variant
+    doc = study.model_dump(mode="json", exclude={"study_dir"})
+    doc["models"]["d"]["slim_set_widths"] = [0.5, 1.0]
+    more = plan_grid(parse_study(doc), {"m": SIX, "d": SIX})
+    assert len(more) - len(cells) == 7 + 28
+    assert ("d", "slim[0.5,attn+mlp,first]", "sar") in {
+        (c.model, c.variant.key, "+".join(c.modalities)) for c in more
+    }
+    # adding widths leaves the ids of the cells that already existed unchanged (nothing reruns)
+    more_study = parse_study(doc)
+    old_ids = {c.cell_id(study) for c in cells}
+    assert old_ids <= {c.cell_id(more_study) for c in more}
     # ids are unique and stable
     ids = [c.cell_id(study) for c in cells]
     assert len(set(ids)) == len(ids)

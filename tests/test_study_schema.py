@@ -55,6 +55,11 @@ def test_good_study_resolves_sets_and_paper_grid() -> None:
         ({"models__mapex__source": "models/missing_ckpt"}, "models.mapex.source", "spec.json"),
         ({"operators__slim__widths": [0.5, 0.2, 0.1, 1.5]}, "operators.slim.widths[3]", "(0, 1]"),
         ({"operators__prune__sets": ["each", []]}, "operators.prune.sets[1]", "empty modality set"),
+        (
+            {"models__mapex__slim_set_widths": [0.5, 0.0]},
+            "models.mapex.slim_set_widths[1]",
+            "(0, 1]",
+        ),
         ({"protocols": ["knn", "svm"]}, "protocols[1]", "'knn', 'linear' or 'finetune'"),
         ({"tasks": ["landcover", "floods"]}, "tasks[1]", "valid tasks: landcover"),
     ],

@@ -142,7 +142,11 @@ class Cell:
             "study": study.name,
             "kind": self.kind,
             "model": self.model,
-            "model_cfg": cfg.model_dump(mode="json"),
+            # which widths and operators a model gets decides which cells exist, not the rows
+            # of this one (its variant key holds its own width), so adding widths reruns nothing
+            "model_cfg": cfg.model_dump(
+                mode="json", exclude={"slim_widths", "slim_set_widths", "operators"}
+            ),
             "weights": checkpoint_fingerprint(cfg.source) if cfg.is_checkpoint else "",
             "variant": self.variant.key,
             "slim_seed": study.operators.slim.seed if study.operators.slim else 0,
@@ -266,6 +270,11 @@ def _variants(study: Study, cfg: ModelConfig, mods: tuple[str, ...]) -> list[tup
                             if slim.modality_sets:
                                 out += [(Variant(width=w, mode=mode, order=order), s)
                                         for s in sets]  # fmt: skip
+                if cfg.slim_set_widths and not slim.modality_sets:
+                    for w in cfg.slim_set_widths:
+                        if w < 1.0:
+                            out += [(Variant(width=w, mode=mode, order=order), s)
+                                    for s in sets]  # fmt: skip
                 if "pruned" in slim.apply_to and prune is not None and cfg.role == "mapex":
                     for w in slim.width_list(pruned=True):
                         if w < 1.0:

@@ -165,6 +165,10 @@ class ModelConfig(_Strict):
             for router-ablation models).
         slim_widths: Widths for slimming this model (overrides ``operators.slim.widths``;
             ``paper`` for the 31-width grid).
+        slim_set_widths: Widths at which this model is also slimmed while fed each prune set's
+            modalities (e.g. the dense baseline fed SAR only, so a single-modality task
+            compares pruning with slimming on the same inputs); ``None``: none beyond what
+            ``operators.slim.modality_sets`` adds.
     """
 
     source: str
@@ -174,8 +178,9 @@ class ModelConfig(_Strict):
     init_seed: int = 0
     operators: list[Literal["prune", "slim"]] = Field(default=["prune", "slim"])
     slim_widths: Literal["paper"] | list[float] | None = None
+    slim_set_widths: list[float] | None = None
 
-    @field_validator("slim_widths")
+    @field_validator("slim_widths", "slim_set_widths")
     @classmethod
     def _slim_widths(cls, v: Any) -> Any:
         return _check_widths(v)
