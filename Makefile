@@ -35,7 +35,8 @@ demo: venv
 	$(VENV)/bin/mapex-study report
 
 bench: venv
-	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
+	@failed=""; for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || failed="$$failed $$f"; done; \
+	if [ -n "$$failed" ]; then echo "targets missed:$$failed"; exit 1; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
