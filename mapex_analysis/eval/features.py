@@ -207,6 +207,10 @@ def num_prefix_tokens(model: nn.Module) -> int:
     return value
 
 
+def _no_cls_token(name: str) -> ValueError:
+    return ValueError(f"{name} has no CLS token (num_prefix_tokens = 0); use pool='mean'")
+
+
 def pool_tokens(
     tokens: torch.Tensor, pool: str, prefix: int, *, name: str = "model"
 ) -> torch.Tensor:
@@ -231,7 +235,7 @@ def pool_tokens(
         )
     if pool == "cls":
         if prefix < 1:
-            raise ValueError(f"{name} has no CLS token (num_prefix_tokens = 0); use pool='mean'")
+            raise _no_cls_token(name)
         return tokens[:, 0]
     if pool == "mean":
         return tokens[:, prefix:].mean(dim=1)
@@ -365,9 +369,7 @@ def extract_features(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if pool == "cls" and getattr(model, "pool", None) != "cls" and num_prefix_tokens(model) == 0:
-        raise ValueError(
-            f"{type(model).__name__} has no CLS token (num_prefix_tokens = 0); use pool='mean'"
-        )
+        raise _no_cls_token(type(model).__name__)  # before any data is read
     model_key = cache_key or (model_fingerprint(model) if cache_dir is not None else "")
     out: dict[str, SplitFeatures] = {}
     was_training = model.training

@@ -261,25 +261,27 @@ def _variants(study: Study, cfg: ModelConfig, mods: tuple[str, ...]) -> list[tup
         if prune is not None and cfg.role == "mapex":
             out.append((Variant(prune=s), s))
     if slim is not None:
+        # widths on all the model's modalities, and widths on each prune set's modalities
+        # (``modality_sets`` repeats the former there; ``slim_set_widths`` adds its own)
+        base_widths = (
+            [w for w in slim.width_list(override=cfg.slim_widths) if w < 1.0]
+            if "base" in slim.apply_to
+            else []
+        )
+        set_widths = list(base_widths) if slim.modality_sets else []
+        set_widths += [w for w in cfg.slim_set_widths or [] if w < 1.0 and w not in set_widths]
+        pruned_widths = (
+            [w for w in slim.width_list(pruned=True) if w < 1.0]
+            if "pruned" in slim.apply_to and prune is not None and cfg.role == "mapex"
+            else []
+        )
         for mode in slim.modes:
             for order in slim.orders:
-                if "base" in slim.apply_to:
-                    for w in slim.width_list(override=cfg.slim_widths):
-                        if w < 1.0:
-                            out.append((Variant(width=w, mode=mode, order=order), mods))
-                            if slim.modality_sets:
-                                out += [(Variant(width=w, mode=mode, order=order), s)
-                                        for s in sets]  # fmt: skip
-                if cfg.slim_set_widths and not slim.modality_sets:
-                    for w in cfg.slim_set_widths:
-                        if w < 1.0:
-                            out += [(Variant(width=w, mode=mode, order=order), s)
-                                    for s in sets]  # fmt: skip
-                if "pruned" in slim.apply_to and prune is not None and cfg.role == "mapex":
-                    for w in slim.width_list(pruned=True):
-                        if w < 1.0:
-                            out += [(Variant(prune=s, width=w, mode=mode, order=order), s)
-                                    for s in sets]  # fmt: skip
+                out += [(Variant(width=w, mode=mode, order=order), mods) for w in base_widths]
+                out += [(Variant(width=w, mode=mode, order=order), s)
+                        for w in set_widths for s in sets]  # fmt: skip
+                out += [(Variant(prune=s, width=w, mode=mode, order=order), s)
+                        for w in pruned_widths for s in sets]  # fmt: skip
     return out
 
 

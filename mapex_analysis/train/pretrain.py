@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.utils.data import DataLoader, Dataset
 
+from mapex_analysis.data.tasks import get_task
 from mapex_analysis.models.mae import MaskedAutoencoder
 from mapex_analysis.models.registry import create_model
 from mapex_analysis.models.token_model import TokenEncoder
@@ -401,7 +402,11 @@ def pretrain(
                 f"SynthEO `pretrain` train split, n={cfg.data.n}, seed={cfg.data.seed}, "
                 f"img_size={cfg.data.img_size}, modalities={list(datamodule.modalities)}, "
                 "cloudy-scene probability "
-                + ("0.2 (task default)" if cfg.data.clouds is None else f"{cfg.data.clouds}")
+                + (
+                    f"{get_task('pretrain').clouds} (task default)"
+                    if cfg.data.clouds is None
+                    else f"{cfg.data.clouds}"
+                )
             ),
             "command": f"`{cmd}`",
             "steps": trainer.global_step,
