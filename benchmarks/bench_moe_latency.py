@@ -8,6 +8,12 @@ shared experts' hidden``), so both count (nearly) the same MACs; the benchmark p
 counts to show it. The remaining latency gap is the cost of routing and sparse dispatch
 (router, top-k, ``index_select``/``index_add``).
 
+A third model separates the two parts of that gap: ``split floor`` is the same MAPEX with each
+MoE replaced by its own experts run at the routing split this input produced (shared experts
+on every token, each routed expert on a contiguous slice of as many tokens as the router sent
+it) with no router and no gather/scatter. Its ratio to dense is what splitting the tokens into
+several smaller GEMMs costs; MAPEX over the floor is what routing and dispatch cost.
+
 Both models are timed side by side in one process, in alternating rounds (so drifts in machine
 load hit both), at batch 64 on CPU. The script prints the ratio of medians and exits with
 status 1 if it exceeds the target (default 1.15)::
@@ -18,6 +24,7 @@ status 1 if it exceeds the target (default 1.15)::
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 from pathlib import Path
@@ -61,6 +68,46 @@ def dense_twin(model: nn.Module, in_chans: int) -> nn.Module:
     ).eval()
 
 
+class SplitFloorMLP(nn.Module):
+    """An MoE's experts at a fixed routing split, without router or dispatch (the floor).
+
+    Args:
+        moe: The MoE layer whose experts run.
+        sizes: Tokens per routed expert (from the layer's routing statistics).
+    """
+
+    def __init__(self, moe: nn.Module, sizes: list[int]) -> None:
+        super().__init__()
+        self.shared = moe.shared_experts
+        self.experts = moe.experts
+        self.sizes = sizes
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Shared experts on every token; routed expert ``e`` on the next ``sizes[e]`` tokens."""
+        B, N, D = h.shape
+        flat = h.reshape(B * N, D)
+        out = sum(e(flat) for e in self.shared) if len(self.shared) else torch.zeros_like(flat)
+        ys, start = [], 0
+        for expert, n in zip(self.experts, self.sizes, strict=True):
+            if n:
+                ys.append(expert(flat[start : start + n]))
+                start += n
+        if ys:
+            out[:start] += torch.cat(ys)
+        return out.reshape(B, N, D)
+
+
+def split_floor(model: nn.Module, x: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` whose MoE layers run as :class:`SplitFloorMLP` at ``x``'s routing."""
+    with torch.no_grad():
+        _, info = model.encode(*model.tokenize(x), return_routing=True)
+    floor = copy.deepcopy(model)
+    for block, stats in zip(floor.blocks, info.stats, strict=True):
+        if stats is not None:
+            block.mlp = SplitFloorMLP(block.mlp, stats.counts.sum(dim=0).tolist())
+    return floor.eval()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -99,13 +146,19 @@ def main(argv: list[str] | None = None) -> int:
 
     macs_mapex = count_macs(mapex, x, cross_check=False).total
     macs_dense = count_macs(dense, dense_x, cross_check=False).total
-    medians: dict[str, list[float]] = {"mapex": [], "dense": []}
+    floor = split_floor(mapex, x)
+    medians: dict[str, list[float]] = {"mapex": [], "dense": [], "floor": []}
     for _ in range(args.rounds):
-        for name, model, inp in (("mapex", mapex, x), ("dense", dense, dense_x)):
+        for name, model, inp in (
+            ("mapex", mapex, x),
+            ("dense", dense, dense_x),
+            ("floor", floor, x),
+        ):
             rep = measure_latency(model, inp, warmup=2, repeats=args.repeats, threads=args.threads)
             medians[name].append(rep.points[0].median_ms)
     t_mapex = statistics.median(medians["mapex"])
     t_dense = statistics.median(medians["dense"])
+    t_floor = statistics.median(medians["floor"])
     ratio = t_mapex / t_dense
     print(
         f"{args.model} (router {getattr(mapex, 'router_kind', '?')}) fed {args.modality!r}, batch {args.batch_size}, {args.threads} thread(s), "
@@ -113,7 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"  MAPEX : {t_mapex:8.2f} ms  {macs_mapex / 1e6:9.2f} M MACs")
     print(f"  dense : {t_dense:8.2f} ms  {macs_dense / 1e6:9.2f} M MACs")
+    print(f"  split floor (same expert GEMMs, no routing): {t_floor:8.2f} ms")
     print(f"  ratio MAPEX / dense = {ratio:.3f} (target <= {args.target})")
+    print(
+        f"  of which splitting tokens over experts: floor / dense = {t_floor / t_dense:.3f}; "
+        f"routing and dispatch: MAPEX / floor = {t_mapex / t_floor:.3f}"
+    )
     return 0 if ratio <= args.target else 1
 
 

@@ -190,3 +190,34 @@ def test_modality_router_rejects_unknown_modality_name() -> None:
     moe = MoEMLP(8, 8, MODS, router="modality")
     with pytest.raises(ValueError, match=r"router has no embedding for modalities \['nir'\]"):
         moe(torch.randn(1, 2, 8), torch.tensor([[0, 1]]), ("rgb", "nir"))
+
+
+def test_modality_router_logits_are_the_projection_of_token_plus_embedding() -> None:
+    # the router projects the M + 1 embeddings once and adds them per token; the definition
+    # is proj(x + e_m), with no embedding for CLS (index -1)
+    torch.manual_seed(0)
+    moe = MoEMLP(16, 24, MODS, experts_per_modality=2, router="modality")
+    x, idx, _ = _inputs()
+    flat, fidx = x.reshape(-1, 16), idx.reshape(-1)
+    emb = torch.stack([moe.router.modality_embed[m] for m in MODS] + [torch.zeros(16)])
+    expected = torch.nn.functional.linear(
+        flat + emb[fidx], moe.router.proj.weight, moe.router.proj.bias
+    )
+    got = moe.router(flat, fidx, MODS)
+    assert got.shape == (24, 6)
+    assert torch.allclose(got, expected, atol=1e-6), (got - expected).abs().max()
+    # gradients reach the embeddings through the folded form
+    got.sum().backward()
+    assert all(float(moe.router.modality_embed[m].grad.abs().sum()) > 0 for m in MODS)
+
+
+@pytest.mark.parametrize("router", ["modality", "pos_embed", "deterministic"])
+def test_without_aux_the_output_and_statistics_are_unchanged(router: str) -> None:
+    torch.manual_seed(0)
+    moe = MoEMLP(16, 24, MODS, experts_per_modality=2, top_k=1, router=router)
+    x, idx, pos = _inputs(B=3, N=20)
+    full = moe(x, idx, MODS, pos)
+    lean = moe(x, idx, MODS, pos, with_aux=False)
+    assert lean.aux_loss is None and full.aux_loss is not None
+    assert torch.equal(lean.out, full.out)
+    assert torch.equal(lean.stats.counts, full.stats.counts)

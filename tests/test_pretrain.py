@@ -72,6 +72,29 @@ def test_mae_masks_three_quarters_of_all_tokens(tmp_path: Path) -> None:
     assert torch.allclose(out.loss, out.recon_loss + 0.01 * out.aux_loss)
 
 
+def test_position_masking_removes_whole_positions_in_every_modality(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    enc = create_model("mapex_test")
+    mae = MaskedAutoencoder(enc, mask_ratio=0.75, mask_mode="positions")
+    x = _scenes(tmp_path)
+    out = mae(x)
+    # 6 modalities x 4 positions: keep int(24 * 0.25) = 6 tokens = one whole position
+    assert out.mask.sum(1).tolist() == [18.0] * 8
+    tok = enc.tokenizer(x)
+    for row in range(8):
+        kept = tok.positions[row][out.mask[row] == 0]
+        assert kept.tolist() == [int(kept[0])] * 6, kept  # the same position, 6 modalities
+    # the kept position varies over scenes (not a fixed pattern)
+    first = {int(tok.positions[r][out.mask[r] == 0][0]) for r in range(8)}
+    assert len(first) > 1
+    with pytest.raises(
+        ValueError, match="unknown mask_mode 'blocks'; valid modes: tokens, positions"
+    ):
+        MaskedAutoencoder(enc, mask_mode="blocks")
+    with pytest.raises(ValueError, match="mask_mode='positions' needs the tokens' patch positions"):
+        mae.random_masking(24, 2, torch.device("cpu"))
+
+
 def test_mae_on_a_modality_subset_with_the_dense_vit(tmp_path: Path) -> None:
     mae = MaskedAutoencoder(create_model("vit_mae_test"), mask_ratio=0.5)
     out = mae(_scenes(tmp_path, modalities=("rgb", "sar")))

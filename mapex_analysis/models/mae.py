@@ -6,7 +6,11 @@ The objective, split into small steps as in MAE's ``models_mae.py``:
    :mod:`mapex_analysis.modalities`) into ``(B, L, C * p * p)`` targets; with
    ``norm_pix_loss`` each patch is further standardised (MAE's option).
 2. :meth:`MaskedAutoencoder.random_masking`: keep a random ``1 - mask_ratio`` of *all* tokens
-   of all modalities (one permutation over the concatenated sequence, per sample).
+   of all modalities (one permutation over the concatenated sequence, per sample). With
+   ``mask_mode="positions"`` whole patch positions are kept or removed in every modality at
+   once (still ``mask_ratio`` of all tokens when every modality covers the same grid), so a
+   masked patch can only be inferred from other positions, never copied across modalities
+   from the same place.
 3. The encoder (any :class:`~mapex_analysis.models.token_model.TokenEncoder`: MAPEX or the
    group-channel ViT) runs on the kept tokens with their true patch positions.
 4. A light decoder (timm ``Block``s) sees the kept tokens plus a mask token at every removed
@@ -32,7 +36,10 @@ from mapex_analysis.modalities import get_modality, normalize
 from mapex_analysis.models.moe import RoutingInfo
 from mapex_analysis.models.token_model import TokenEncoder
 
-__all__ = ["MAEOutput", "MaskedAutoencoder", "patchify"]
+__all__ = ["MASK_MODES", "MAEOutput", "MaskedAutoencoder", "patchify"]
+
+#: How :meth:`MaskedAutoencoder.random_masking` draws the removed tokens.
+MASK_MODES: tuple[str, ...] = ("tokens", "positions")
 
 
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -88,9 +95,11 @@ class MaskedAutoencoder(nn.Module):
         mask_ratio: Share of tokens removed, in ``[0, 1)``.
         norm_pix_loss: Standardise every target patch (MAE's option).
         aux_weight: Weight of the encoder's load-balance loss.
+        mask_mode: ``"tokens"`` (each token independently) or ``"positions"`` (a patch
+            position is masked in all modalities together).
 
     Raises:
-        ValueError: for a mask ratio outside ``[0, 1)``.
+        ValueError: for a mask ratio outside ``[0, 1)`` or an unknown mask mode.
     """
 
     def __init__(
@@ -103,10 +112,16 @@ class MaskedAutoencoder(nn.Module):
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = False,
         aux_weight: float = 0.01,
+        mask_mode: str = "tokens",
     ) -> None:
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        if mask_mode not in MASK_MODES:
+            raise ValueError(
+                f"unknown mask_mode {mask_mode!r}; valid modes: {', '.join(MASK_MODES)}"
+            )
+        self.mask_mode = mask_mode
         self.encoder = encoder
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
@@ -133,7 +148,11 @@ class MaskedAutoencoder(nn.Module):
         )
 
     def random_masking(
-        self, n: int, batch: int, device: torch.device
+        self,
+        n: int,
+        batch: int,
+        device: torch.device,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample random split of ``n`` token slots.
 
@@ -141,13 +160,27 @@ class MaskedAutoencoder(nn.Module):
             n: Tokens per sample.
             batch: Batch size.
             device: Device of the indices.
+            positions: ``(B, n)`` patch position of every token; required by
+                ``mask_mode="positions"``, where all tokens of a position share one draw (ties
+                broken by token order), so whole positions are kept first.
 
         Returns:
             ``(keep, restore)``: ``(B, K)`` indices of kept tokens, ``K = int(n * (1 -
             mask_ratio))`` (at least 1), and ``(B, n)`` the inverse permutation.
+
+        Raises:
+            ValueError: for ``mask_mode="positions"`` without ``positions``.
         """
         keep_n = max(1, int(n * (1.0 - self.mask_ratio)))
-        noise = torch.rand(batch, n, device=device)
+        if self.mask_mode == "positions":
+            if positions is None:
+                raise ValueError("mask_mode='positions' needs the tokens' patch positions")
+            cells = (self.encoder.img_size // self.encoder.patch_size) ** 2
+            rank = torch.rand(batch, cells, device=device).argsort(dim=1).argsort(dim=1)
+            # order by the rank of the token's position, then by token order within it
+            noise = rank.gather(1, positions) * n + torch.arange(n, device=device)
+        else:
+            noise = torch.rand(batch, n, device=device)
         shuffle = noise.argsort(dim=1)
         restore = shuffle.argsort(dim=1)
         return shuffle[:, :keep_n], restore
@@ -171,7 +204,7 @@ class MaskedAutoencoder(nn.Module):
         enc = self.encoder
         tok = enc.tokenizer(x)
         B, N, D = tok.tokens.shape
-        keep, restore = self.random_masking(N, B, tok.tokens.device)
+        keep, restore = self.random_masking(N, B, tok.tokens.device, tok.positions)
         kept = tok.tokens.gather(1, keep.unsqueeze(-1).expand(-1, -1, D))  # (B, K, D)
         kept_idx = tok.modality_index.gather(1, keep)
         kept_pos = tok.positions.gather(1, keep)

@@ -66,6 +66,7 @@ class MAPEXBlock(nn.Module):
         modality_index: torch.Tensor,
         modalities: Sequence[str],
         pos: torch.Tensor | None = None,
+        with_aux: bool = True,
     ) -> tuple[torch.Tensor, MoEOutput | None]:
         """Apply the block.
 
@@ -74,6 +75,7 @@ class MAPEXBlock(nn.Module):
             modality_index: ``(B, N)`` (``-1`` for CLS).
             modalities: What the index refers to.
             pos: ``(B, N, D)`` position embedding per token (for the ``pos_embed`` router).
+            with_aux: Compute the MoE load-balance loss (see :meth:`MoEMLP.forward`).
 
         Returns:
             ``(tokens, MoEOutput or None)``; the output's ``out`` is already added to ``x``.
@@ -81,7 +83,7 @@ class MAPEXBlock(nn.Module):
         x = x + self.attn(self.norm1(x))
         h = self.norm2(x)
         if isinstance(self.mlp, MoEMLP):
-            res = self.mlp(h, modality_index, modalities, pos)
+            res = self.mlp(h, modality_index, modalities, pos, with_aux=with_aux)
             return x + res.out, res
         return x + self.mlp(h), None
 
@@ -157,10 +159,11 @@ class MAPEX(TokenEncoder):
         x: torch.Tensor,
         modality_index: torch.Tensor,
         pos: torch.Tensor | None,
+        with_aux: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None, RoutingStats | None]:
         """Run MAPEX block ``i`` with the model's current modalities."""
         block = cast(MAPEXBlock, self.blocks[i])
-        x, res = block(x, modality_index, self.modalities, pos)
+        x, res = block(x, modality_index, self.modalities, pos, with_aux)
         if res is None:
             return x, None, None
         return x, res.aux_loss, res.stats

@@ -100,12 +100,13 @@ class MoEOutput:
 
     Attributes:
         out: ``(B, N, D)`` layer output.
-        aux_loss: Scalar Switch load-balance loss of this layer.
+        aux_loss: Scalar Switch load-balance loss of this layer; ``None`` when the caller
+            passed ``with_aux=False`` (inference: the loss is a training signal only).
         stats: Routing statistics of this call.
     """
 
     out: torch.Tensor
-    aux_loss: torch.Tensor
+    aux_loss: torch.Tensor | None
     stats: RoutingStats
 
 
@@ -217,25 +218,38 @@ class Router(nn.Module):
         Raises:
             ModalityError: if a modality has no router embedding (``modality`` kind).
         """
-        h = x
         if self.kind == "pos_embed" and pos is not None:
-            h = h + pos
-        elif self.kind == "modality" and len(modalities) > 0:
-            try:
-                rows = [self.modality_embed[m] for m in modalities]
-            except (KeyError, AttributeError):  # ParameterDict raises AttributeError
-                from mapex_analysis.modalities import ModalityError
+            return cast(torch.Tensor, self.proj(x + pos))
+        if self.kind != "modality" or len(modalities) == 0:
+            return cast(torch.Tensor, self.proj(x))
+        table = self._embed_table(modalities)  # (M + 1, D); row M (index -1, CLS) is zero
+        # proj(x + e_m) = W x + (W e_m + b): project the M + 1 embeddings once, then add one
+        # (E,)-row per token, instead of adding a (D,)-row to every token before projecting
+        w, b = self.proj.weight, self.proj.bias
+        rows = torch.mm(table, w.t()) if b is None else torch.addmm(b, table, w.t())
+        # index_select, not rows[index]: advanced indexing is several times slower on CPU
+        return cast(torch.Tensor, torch.mm(w, x.t()).t()) + rows.index_select(
+            0, modality_index % (len(modalities) + 1)
+        )
 
-                missing = [m for m in modalities if m not in self.modality_embed]
-                raise ModalityError(
-                    f"router has no embedding for modalities {missing}; "
-                    f"valid modalities: {', '.join(self.modality_embed.keys())}"
-                ) from None
-            # (M + 1, D): the extra zero row is what index -1 (CLS) maps to under ``% (M + 1)``
-            table = torch.stack([*rows, rows[0].new_zeros(rows[0].shape)])
-            # index_select, not table[index]: advanced indexing is several times slower on CPU
-            h = h + table.index_select(0, modality_index % (len(rows) + 1))
-        return cast(torch.Tensor, self.proj(h))
+    def _embed_table(self, modalities: Sequence[str]) -> torch.Tensor:
+        """``(M + 1, D)`` router embeddings of ``modalities`` plus a zero row (index ``-1``).
+
+        Raises:
+            ModalityError: if a modality has no router embedding.
+        """
+        params = self.modality_embed._parameters  # by name, without ParameterDict's lookup cost
+        try:
+            rows = [cast(torch.Tensor, params[m]) for m in modalities]
+        except KeyError:
+            from mapex_analysis.modalities import ModalityError
+
+            missing = [m for m in modalities if m not in params]
+            raise ModalityError(
+                f"router has no embedding for modalities {missing}; "
+                f"valid modalities: {', '.join(self.modality_embed.keys())}"
+            ) from None
+        return torch.stack([*rows, rows[0].new_zeros(rows[0].shape)])
 
 
 class MoEMLP(nn.Module):
@@ -401,6 +415,8 @@ class MoEMLP(nn.Module):
         modality_index: torch.Tensor,
         modalities: Sequence[str] | None = None,
         pos: torch.Tensor | None = None,
+        *,
+        with_aux: bool = True,
     ) -> MoEOutput:
         """Apply the mixture.
 
@@ -411,6 +427,8 @@ class MoEMLP(nn.Module):
             modalities: Names ``modality_index`` refers to; defaults to
                 :meth:`default_modalities`. The encoder passes its own ``modalities``.
             pos: ``(B, N, D)`` position embedding per token (``pos_embed`` router).
+            with_aux: Compute the load-balance loss (``False``: its ``aux_loss`` is ``None``
+                and its ops are skipped; the output and statistics are the same).
 
         Returns:
             :class:`MoEOutput` with the output ``(B, N, D)``, the load-balance loss and the
@@ -433,7 +451,8 @@ class MoEMLP(nn.Module):
                 expert_groups=(),
             )
             res = out if out is not None else torch.zeros_like(flat)
-            return MoEOutput(out=res.reshape(B, N, D), aux_loss=flat.new_zeros(()), stats=stats)
+            aux0 = flat.new_zeros(()) if with_aux else None
+            return MoEOutput(out=res.reshape(B, N, D), aux_loss=aux0, stats=stats)
 
         pos_flat = pos.reshape(B * N, D) if pos is not None else None
         logits, top_logit, top_idx, selected, routed, routed_rows = self._decide(
@@ -480,6 +499,11 @@ class MoEMLP(nn.Module):
         if out is None:
             out = torch.zeros_like(flat)
 
+        stats = RoutingStats(
+            counts=counts, modalities=mods, expert_groups=tuple(self.expert_groups)
+        )
+        if not with_aux:
+            return MoEOutput(out=out.reshape(B, N, D), aux_loss=None, stats=stats)
         # Switch load-balance loss, a training signal only: f_e from the counts, P_e the mean
         # over routed tokens of the softmax over the allowed experts (dim 0 of the (E, T) view
         # is the fast softmax layout on CPU).
@@ -488,7 +512,4 @@ class MoEMLP(nn.Module):
         scale = E / (max(n_sel, 1) * max(n_routed, 1))
         weight = torch.tensor([scale * s for s in sizes], dtype=p_sum.dtype, device=x.device)
         aux = (weight * p_sum).sum()
-        stats = RoutingStats(
-            counts=counts, modalities=mods, expert_groups=tuple(self.expert_groups)
-        )
         return MoEOutput(out=out.reshape(B, N, D), aux_loss=aux, stats=stats)

@@ -90,11 +90,14 @@ class TokenEncoder(nn.Module):
         x: torch.Tensor,
         modality_index: torch.Tensor,
         pos: torch.Tensor | None,
+        with_aux: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None, RoutingStats | None]:
         """Run block ``i``; return ``(tokens, aux_loss or None, stats or None)``.
 
         The base implementation calls ``self.blocks[i](x)`` (a dense timm ``Block``).
         ``pos`` is ``(B, 1 + N, D)`` when :meth:`uses_positions` says so, else ``None``.
+        ``with_aux=False``: the caller does not need the load-balance loss (MoE blocks may
+        skip computing it and return ``None``).
         """
         return self.blocks[i](x), None, None
 
@@ -139,13 +142,14 @@ class TokenEncoder(nn.Module):
         modality_index: torch.Tensor,
         positions: torch.Tensor | None,
         keep: set[int] | None,
+        with_aux: bool = True,
     ) -> tuple[torch.Tensor, RoutingInfo, list[torch.Tensor]]:
         x, idx, pos = self._prepare(tokens, modality_index, positions)
         aux = tokens.new_zeros(())
         stats: list[RoutingStats | None] = []
         inter: list[torch.Tensor] = []
         for i in range(len(self.blocks)):
-            x, a, st = self.run_block(i, x, idx, pos)
+            x, a, st = self.run_block(i, x, idx, pos, with_aux)
             if a is not None:
                 aux = aux + a
             stats.append(st)
@@ -174,7 +178,8 @@ class TokenEncoder(nn.Module):
             ``(B, 1 + N, D)`` normalised tokens, CLS first; with ``return_routing`` a tuple
             ``(tokens, RoutingInfo)``.
         """
-        out, info, _ = self._run(tokens, modality_index, positions, None)
+        # the load-balance loss is computed only for a caller that receives it
+        out, info, _ = self._run(tokens, modality_index, positions, None, return_routing)
         return (out, info) if return_routing else out
 
     def forward_features(
@@ -223,5 +228,5 @@ class TokenEncoder(nn.Module):
                 if not -depth <= i < depth:
                     raise IndexError(f"block index {i} out of range for depth {depth}")
                 keep.add(i % depth)
-        _, _, inter = self._run(*self.tokenize(x), None, keep)
+        _, _, inter = self._run(*self.tokenize(x), None, keep, with_aux=False)
         return inter

@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -77,6 +77,8 @@ class PretrainConfig(BaseModel):
         model_kwargs: Constructor overrides, saved in the checkpoint spec.
         data: The scenes.
         mask_ratio: Share of tokens masked.
+        mask_mode: ``tokens`` (independently) or ``positions`` (a patch position in every
+            modality at once); see :class:`~mapex_analysis.models.mae.MaskedAutoencoder`.
         decoder_dim: MAE decoder width.
         decoder_depth: MAE decoder blocks.
         decoder_heads: MAE decoder heads.
@@ -104,6 +106,7 @@ class PretrainConfig(BaseModel):
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     data: DataConfig = DataConfig()
     mask_ratio: float = Field(default=0.75, ge=0.0, lt=1.0)
+    mask_mode: Literal["tokens", "positions"] = "tokens"
     decoder_dim: int = Field(default=64, ge=4)
     decoder_depth: int = Field(default=2, ge=1)
     decoder_heads: int = Field(default=2, ge=1)
@@ -240,6 +243,7 @@ class MAEPretrainModule(L.LightningModule):
             decoder_depth=config.decoder_depth,
             decoder_heads=config.decoder_heads,
             mask_ratio=config.mask_ratio,
+            mask_mode=config.mask_mode,
             norm_pix_loss=config.norm_pix_loss,
             aux_weight=config.aux_weight,
         )
@@ -395,7 +399,8 @@ def pretrain(
             "title": cfg.name,
             "description": (
                 f"`{cfg.model}` encoder pretrained by masked autoencoding (mask ratio "
-                f"{cfg.mask_ratio}, per-modality reconstruction of normalised patches) on "
+                f"{cfg.mask_ratio}, masked by {cfg.mask_mode}, per-modality reconstruction of "
+                "normalised patches) on "
                 "SynthEO scenes."
             ),
             "data": (
