@@ -84,8 +84,8 @@ class PretrainEvaluation:
 def evaluate_pretraining(
     checkpoint: str | Path,
     *,
-    n_train: int = 1000,
-    n_test: int = 500,
+    n_train: int = 2000,
+    n_test: int = 1000,
     k: int = 5,
     seed: int = 0,
     batch_size: int = 250,
