@@ -127,6 +127,13 @@ def macs(model: str, width: float | None, modalities: str | None, batch_size: in
 @click.option("--accelerator", default=None, help="auto, cpu, gpu... (default: the config's).")
 @click.option("--max-steps", type=int, default=None, help="Override the config's steps.")
 @click.option("--output-dir", default=None, help="Override where the checkpoint is written.")
+@click.option(
+    "--knn-every",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Score SynthEO land-cover k-NN (k=5) of the frozen encoder at the start and every N "
+    "steps (logged as knn/accuracy).",
+)
 def pretrain_cmd(
     config: str,
     devices: str | None,
@@ -134,12 +141,14 @@ def pretrain_cmd(
     accelerator: str | None,
     max_steps: int | None,
     output_dir: str | None,
+    knn_every: int | None,
 ) -> None:
     """Masked-autoencoding pretraining from CONFIG.yaml (studies/pretrain/*.yaml)."""
     import shlex
 
     from pydantic import ValidationError
 
+    from mapex_analysis.train.evaluation import KnnMonitor
     from mapex_analysis.train.pretrain import pretrain
 
     dev: int | str | None = int(devices) if devices and devices.isdigit() else devices
@@ -149,11 +158,13 @@ def pretrain_cmd(
         "--accelerator": accelerator,
         "--max-steps": max_steps,
         "--output-dir": output_dir,
+        "--knn-every": knn_every,
     }
     command = " ".join(
         ["mapex-study", "pretrain", shlex.quote(config)]
         + [f"{k} {shlex.quote(str(v))}" for k, v in opts.items() if v is not None]
     )
+    monitor = KnnMonitor(knn_every) if knn_every is not None else None
     try:
         res = pretrain(
             config,
@@ -163,6 +174,7 @@ def pretrain_cmd(
             max_steps=max_steps,
             output_dir=output_dir,
             command=command,
+            callbacks=[monitor] if monitor is not None else [],
         )
     except (ValidationError, ValueError, TypeError) as err:
         _fail(err)
@@ -172,6 +184,9 @@ def pretrain_cmd(
             f"{res.config.name}: {res.steps} steps, final loss {res.final_loss:.4f}, "
             f"{res.seconds:.0f} s -> {res.checkpoint_dir}"
         )
+    if monitor is not None and monitor.history:
+        scores = ", ".join(f"step {s}: {a:.3f}" for s, a in monitor.history)
+        console.print(f"land-cover k-NN (k=5): {scores}")
 
 
 @main.command("validate")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,8 +21,8 @@ from mapex_analysis.data import SynthEO
 from mapex_analysis.models.checkpoint import load_model
 from mapex_analysis.models.mae import MaskedAutoencoder, patchify
 from mapex_analysis.models.registry import UnknownModelError, create_model
-from mapex_analysis.train.evaluation import evaluate_pretraining, top_expert_share
-from mapex_analysis.train.pretrain import PretrainConfig
+from mapex_analysis.train.evaluation import KnnMonitor, evaluate_pretraining, top_expert_share
+from mapex_analysis.train.pretrain import PretrainConfig, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,6 +149,37 @@ def test_cli_pretrain_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     assert f"mapex-study pretrain {cfg_path} --max-steps 2 --output-dir {out}" in card
     model = load_model(out)
     assert model.model_spec == {"name": "mapex_test", "kwargs": {}}
+
+
+def test_knn_monitor_scores_the_initialisation_and_every_n_steps(tmp_path: Path) -> None:
+    cfg = PretrainConfig.model_validate(_config(tmp_path, max_steps=3))
+    monitor = KnnMonitor(2, n_train=60, n_test=30, cache_dir=tmp_path / "cache")
+    res = pretrain(cfg, callbacks=[monitor], progress_bar=False)
+    assert [s for s, _ in monitor.history] == [0, 2]
+    # step 0 is the random initialisation: the random-init twin of evaluate_pretraining
+    ev = evaluate_pretraining(
+        res.checkpoint_dir, n_train=60, n_test=30, cache_dir=tmp_path / "cache"
+    )
+    assert monitor.history[0][1] == ev.knn_random
+    assert 0.0 <= monitor.history[1][1] <= 1.0
+    # the last score is of the weights being trained; after step 3 the saved encoder is scored
+    assert monitor.score(load_model(res.checkpoint_dir)) == ev.knn_pretrained
+    metrics = (tmp_path / "runs" / "t").glob("version_*/metrics.csv")
+    assert any("knn/accuracy" in m.read_text().splitlines()[0] for m in metrics)
+    with pytest.raises(
+        ValueError, match="every must be >= 1 \\(steps between k-NN scores\\), got 0"
+    ):
+        KnnMonitor(0)
+
+
+def test_cli_pretrain_knn_every_prints_the_scores(tmp_path: Path) -> None:
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(tmp_path, max_steps=1)))
+    res = CliRunner().invoke(main, ["pretrain", str(cfg_path), "--knn-every", "1"])
+    assert res.exit_code == 0, res.output
+    assert re.search(r"land-cover k-NN \(k=5\): step 0: 0\.\d{3}, step 1: 0\.\d{3}", res.output)
+    res = CliRunner().invoke(main, ["pretrain", str(cfg_path), "--knn-every", "0"])
+    assert res.exit_code == 2 and "0 is not in the range x>=1" in res.output
 
 
 def _free_port() -> int:

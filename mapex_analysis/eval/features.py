@@ -184,10 +184,15 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _batches(arrays: Mapping[str, np.ndarray], modalities: Sequence[str], bs: int) -> Iterator:
+def _batches(
+    arrays: Mapping[str, np.ndarray],
+    modalities: Sequence[str],
+    bs: int,
+    device: torch.device | None = None,
+) -> Iterator:
     n = len(arrays[modalities[0]])
     for i in range(0, n, bs):
-        yield {m: torch.from_numpy(arrays[m][i : i + bs]) for m in modalities}
+        yield {m: torch.from_numpy(arrays[m][i : i + bs]).to(device) for m in modalities}
 
 
 def num_prefix_tokens(model: nn.Module) -> int:
@@ -395,8 +400,10 @@ def extract_features(
                     out[split] = cached
                     continue
             chunks = []
+            # batches go where the model's weights are (a model training on a GPU, say)
+            device = next((p.device for p in model.parameters()), None)
             with torch.inference_mode():
-                for x in _batches(arrays, modalities, batch_size):
+                for x in _batches(arrays, modalities, batch_size, device):
                     chunks.append(_pooled(model, x, pool).float().cpu().numpy())
             feats = SplitFeatures(np.concatenate(chunks, axis=0).astype(np.float32), label)
             logger.info("extracted %s features for split %r", feats.X.shape, split)

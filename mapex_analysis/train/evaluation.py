@@ -7,6 +7,12 @@ random initialisation, extracts frozen pooled features of both on SynthEO land c
 over the land-cover test scenes (:func:`mapex_analysis.measure.specialization.collect_routing`)
 and reports, per modality, the share of its routed assignments that land on its most used
 expert(s) (:func:`top_expert_share`), averaged over the MoE layers.
+
+:class:`KnnMonitor` runs the same k-NN probe *during* pretraining (``mapex-study pretrain
+CONFIG --knn-every N``): at the start (the random initialisation, which is the random-init twin
+:func:`evaluate_pretraining` builds, since both seed with the config's seed) and every ``N``
+steps, logged as ``knn/accuracy`` next to the losses. This is how the recipe in
+``studies/pretrain/`` was chosen.
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 
-__all__ = ["PretrainEvaluation", "evaluate_pretraining", "top_expert_share"]
+__all__ = ["KnnMonitor", "PretrainEvaluation", "evaluate_pretraining", "top_expert_share"]
 
 logger = logging.getLogger(__name__)
 
@@ -149,3 +156,88 @@ def evaluate_pretraining(
         out.top2_share = {m: float(v) for m, v in zip(mods, top2, strict=True)}
         out.num_experts = int(e)
     return out
+
+
+class KnnMonitor(L.Callback):
+    """Land-cover k-NN accuracy of the encoder's frozen features during pretraining.
+
+    Scores the encoder being trained (``pl_module.mae.encoder``) at the start of training and
+    after every ``every`` optimiser steps with the probe of :func:`evaluate_pretraining`
+    (SynthEO land cover, ``n_train`` / ``n_test`` scenes of seed ``seed``, the encoder's
+    modalities and image size, pooled features, k-NN). Only the global-zero process scores;
+    results are logged as ``knn/accuracy`` and kept in :attr:`history`.
+
+    Args:
+        every: Steps between scores (>= 1).
+        n_train: Training scenes of the probe.
+        n_test: Test scenes of the probe.
+        k: Neighbours.
+        seed: SynthEO seed of the probe's scenes.
+        batch_size: Scenes per forward pass.
+        cache_dir: SynthEO cache directory (``None``: its default).
+
+    Raises:
+        ValueError: for ``every < 1``.
+    """
+
+    def __init__(
+        self,
+        every: int,
+        *,
+        n_train: int = 2000,
+        n_test: int = 1000,
+        k: int = 5,
+        seed: int = 0,
+        batch_size: int = 250,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        if every < 1:
+            raise ValueError(f"every must be >= 1 (steps between k-NN scores), got {every}")
+        self.every, self.k, self.batch_size = every, k, batch_size
+        self.seed, self.cache_dir, self.sizes = seed, cache_dir, (n_train, n_test)
+        self._splits: dict[str, Any] | None = None
+        #: ``(step, accuracy)`` of every score, in order.
+        self.history: list[tuple[int, float]] = []
+
+    def score(self, encoder: torch.nn.Module) -> float:
+        """k-NN test accuracy of ``encoder``'s pooled features (train mode is restored)."""
+        from mapex_analysis.data import SynthEO
+        from mapex_analysis.eval.features import extract_features
+        from mapex_analysis.eval.probes import knn_probe
+
+        net: Any = encoder
+        mods: tuple[str, ...] = tuple(net.modalities)
+        if self._splits is None:
+            self._splits = {
+                s: SynthEO("landcover", s, seed=self.seed, n=n, modalities=mods,
+                           img_size=int(net.img_size), cache_dir=self.cache_dir)
+                for s, n in zip(("train", "test"), self.sizes, strict=True)
+            }  # fmt: skip
+        feats = extract_features(encoder, self._splits, modalities=mods, batch_size=self.batch_size)
+        res = knn_probe(feats.train.X, feats.train.y, feats.test.X, feats.test.y, k=self.k)
+        return float(res.metrics["accuracy"])
+
+    def _record(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        step = int(trainer.global_step)
+        if self.history and self.history[-1][0] == step:
+            return
+        module: Any = pl_module
+        acc = self.score(module.mae.encoder)
+        self.history.append((step, acc))
+        logger.info("step %d: land-cover k-NN (k=%d) accuracy %.4f", step, self.k, acc)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({"knn/accuracy": acc}, step=step)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Score the initialisation (step 0)."""
+        self._record(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any
+    ) -> None:
+        """Score after every ``every``-th optimiser step."""
+        if trainer.global_step % self.every == 0:
+            self._record(trainer, pl_module)
