@@ -21,7 +21,12 @@ from mapex_analysis.data import SynthEO
 from mapex_analysis.models.checkpoint import load_model
 from mapex_analysis.models.mae import MaskedAutoencoder, patchify
 from mapex_analysis.models.registry import UnknownModelError, create_model
-from mapex_analysis.train.evaluation import KnnMonitor, evaluate_pretraining, top_expert_share
+from mapex_analysis.train.evaluation import (
+    KnnMonitor,
+    LandcoverKnnProbe,
+    evaluate_pretraining,
+    top_expert_share,
+)
 from mapex_analysis.train.pretrain import PretrainConfig, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,7 +158,7 @@ def test_cli_pretrain_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
 
 def test_knn_monitor_scores_the_initialisation_and_every_n_steps(tmp_path: Path) -> None:
     cfg = PretrainConfig.model_validate(_config(tmp_path, max_steps=3))
-    monitor = KnnMonitor(2, n_train=60, n_test=30, cache_dir=tmp_path / "cache")
+    monitor = KnnMonitor(2, LandcoverKnnProbe(n_train=60, n_test=30, cache_dir=tmp_path / "cache"))
     res = pretrain(cfg, callbacks=[monitor], progress_bar=False)
     assert [s for s, _ in monitor.history] == [0, 2]
     # step 0 is the random initialisation: the random-init twin of evaluate_pretraining
@@ -163,7 +168,7 @@ def test_knn_monitor_scores_the_initialisation_and_every_n_steps(tmp_path: Path)
     assert monitor.history[0][1] == ev.knn_random
     assert 0.0 <= monitor.history[1][1] <= 1.0
     # the last score is of the weights being trained; after step 3 the saved encoder is scored
-    assert monitor.score(load_model(res.checkpoint_dir)) == ev.knn_pretrained
+    assert monitor.probe.score(load_model(res.checkpoint_dir)) == ev.knn_pretrained
     metrics = (tmp_path / "runs" / "t").glob("version_*/metrics.csv")
     assert any("knn/accuracy" in m.read_text().splitlines()[0] for m in metrics)
     with pytest.raises(

@@ -20,13 +20,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
 import torch
 
-__all__ = ["KnnMonitor", "PretrainEvaluation", "evaluate_pretraining", "top_expert_share"]
+__all__ = [
+    "KnnMonitor",
+    "LandcoverKnnProbe",
+    "PretrainEvaluation",
+    "evaluate_pretraining",
+    "top_expert_share",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +94,53 @@ class PretrainEvaluation:
         return self.knn_pretrained - self.knn_random
 
 
+class LandcoverKnnProbe:
+    """k-NN on frozen pooled features of SynthEO land-cover scenes (the pretraining check).
+
+    The scenes (``n_train`` / ``n_test`` of seed ``seed``, the encoder's modalities and image
+    size) are generated on the first :meth:`score` and reused afterwards.
+
+    Args:
+        n_train: Training scenes.
+        n_test: Test scenes.
+        k: Neighbours.
+        seed: SynthEO seed.
+        batch_size: Scenes per forward pass.
+        cache_dir: SynthEO cache directory (``None``: its default).
+    """
+
+    def __init__(
+        self,
+        n_train: int = 2000,
+        n_test: int = 1000,
+        k: int = 5,
+        seed: int = 0,
+        batch_size: int = 250,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        self.n_train, self.n_test, self.k, self.seed = n_train, n_test, k, seed
+        self.batch_size, self.cache_dir = batch_size, cache_dir
+        self.splits: dict[str, Any] | None = None
+
+    def score(self, encoder: torch.nn.Module) -> float:
+        """k-NN test accuracy of ``encoder``'s pooled features (its train mode is restored)."""
+        from mapex_analysis.data import SynthEO
+        from mapex_analysis.eval.features import extract_features
+        from mapex_analysis.eval.probes import knn_probe
+
+        net: Any = encoder
+        mods: tuple[str, ...] = tuple(net.modalities)
+        if self.splits is None:
+            self.splits = {
+                s: SynthEO("landcover", s, seed=self.seed, n=n, modalities=mods,
+                           img_size=int(net.img_size), cache_dir=self.cache_dir)
+                for s, n in (("train", self.n_train), ("test", self.n_test))
+            }  # fmt: skip
+        feats = extract_features(encoder, self.splits, modalities=mods, batch_size=self.batch_size)
+        res = knn_probe(feats.train.X, feats.train.y, feats.test.X, feats.test.y, k=self.k)
+        return float(res.metrics["accuracy"])
+
+
 def evaluate_pretraining(
     checkpoint: str | Path,
     *,
@@ -115,9 +168,6 @@ def evaluate_pretraining(
     Raises:
         CheckpointError: for a missing or corrupted checkpoint.
     """
-    from mapex_analysis.data import SynthEO
-    from mapex_analysis.eval.features import extract_features
-    from mapex_analysis.eval.probes import knn_probe
     from mapex_analysis.measure.specialization import collect_routing
     from mapex_analysis.models.checkpoint import load_model
     from mapex_analysis.models.registry import create_model
@@ -127,18 +177,12 @@ def evaluate_pretraining(
     torch.manual_seed(seed)
     random_init = create_model(spec["name"], **spec["kwargs"]).eval()
     mods: tuple[str, ...] = tuple(pretrained.modalities)
-    img = int(pretrained.img_size)
-    splits = {
-        s: SynthEO("landcover", s, seed=seed, n=n, modalities=mods, img_size=img,
-                   cache_dir=cache_dir)
-        for s, n in (("train", n_train), ("test", n_test))
-    }  # fmt: skip
+    probe = LandcoverKnnProbe(n_train, n_test, k, seed, batch_size, cache_dir)
     acc: dict[str, float] = {}
     for name, model in (("pretrained", pretrained), ("random", random_init)):
-        feats = extract_features(model, splits, modalities=mods, batch_size=batch_size)
-        res = knn_probe(feats.train.X, feats.train.y, feats.test.X, feats.test.y, k=k)
-        acc[name] = float(res.metrics["accuracy"])
+        acc[name] = probe.score(model)
         logger.info("%s %s: k-NN (k=%d) accuracy %.4f", checkpoint, name, k, acc[name])
+    splits = cast(dict[str, Any], probe.splits)
     out = PretrainEvaluation(str(checkpoint), acc["pretrained"], acc["random"], k, n_train, n_test)
     has_moe = any(hasattr(b.mlp, "experts") for b in getattr(pretrained, "blocks", []))
     if has_moe:
@@ -162,61 +206,26 @@ class KnnMonitor(L.Callback):
     """Land-cover k-NN accuracy of the encoder's frozen features during pretraining.
 
     Scores the encoder being trained (``pl_module.mae.encoder``) at the start of training and
-    after every ``every`` optimiser steps with the probe of :func:`evaluate_pretraining`
-    (SynthEO land cover, ``n_train`` / ``n_test`` scenes of seed ``seed``, the encoder's
-    modalities and image size, pooled features, k-NN). Only the global-zero process scores;
-    results are logged as ``knn/accuracy`` and kept in :attr:`history`.
+    after every ``every`` optimiser steps with a :class:`LandcoverKnnProbe` (by default the
+    probe of :func:`evaluate_pretraining`). Only the global-zero process scores; results are
+    logged as ``knn/accuracy`` and kept in :attr:`history`.
 
     Args:
         every: Steps between scores (>= 1).
-        n_train: Training scenes of the probe.
-        n_test: Test scenes of the probe.
-        k: Neighbours.
-        seed: SynthEO seed of the probe's scenes.
-        batch_size: Scenes per forward pass.
-        cache_dir: SynthEO cache directory (``None``: its default).
+        probe: The probe (default: ``LandcoverKnnProbe()``).
 
     Raises:
         ValueError: for ``every < 1``.
     """
 
-    def __init__(
-        self,
-        every: int,
-        *,
-        n_train: int = 2000,
-        n_test: int = 1000,
-        k: int = 5,
-        seed: int = 0,
-        batch_size: int = 250,
-        cache_dir: str | Path | None = None,
-    ) -> None:
+    def __init__(self, every: int, probe: LandcoverKnnProbe | None = None) -> None:
         super().__init__()
         if every < 1:
             raise ValueError(f"every must be >= 1 (steps between k-NN scores), got {every}")
-        self.every, self.k, self.batch_size = every, k, batch_size
-        self.seed, self.cache_dir, self.sizes = seed, cache_dir, (n_train, n_test)
-        self._splits: dict[str, Any] | None = None
+        self.every = every
+        self.probe = probe or LandcoverKnnProbe()
         #: ``(step, accuracy)`` of every score, in order.
         self.history: list[tuple[int, float]] = []
-
-    def score(self, encoder: torch.nn.Module) -> float:
-        """k-NN test accuracy of ``encoder``'s pooled features (train mode is restored)."""
-        from mapex_analysis.data import SynthEO
-        from mapex_analysis.eval.features import extract_features
-        from mapex_analysis.eval.probes import knn_probe
-
-        net: Any = encoder
-        mods: tuple[str, ...] = tuple(net.modalities)
-        if self._splits is None:
-            self._splits = {
-                s: SynthEO("landcover", s, seed=self.seed, n=n, modalities=mods,
-                           img_size=int(net.img_size), cache_dir=self.cache_dir)
-                for s, n in zip(("train", "test"), self.sizes, strict=True)
-            }  # fmt: skip
-        feats = extract_features(encoder, self._splits, modalities=mods, batch_size=self.batch_size)
-        res = knn_probe(feats.train.X, feats.train.y, feats.test.X, feats.test.y, k=self.k)
-        return float(res.metrics["accuracy"])
 
     def _record(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -225,9 +234,9 @@ class KnnMonitor(L.Callback):
         if self.history and self.history[-1][0] == step:
             return
         module: Any = pl_module
-        acc = self.score(module.mae.encoder)
+        acc = self.probe.score(module.mae.encoder)
         self.history.append((step, acc))
-        logger.info("step %d: land-cover k-NN (k=%d) accuracy %.4f", step, self.k, acc)
+        logger.info("step %d: land-cover k-NN (k=%d) accuracy %.4f", step, self.probe.k, acc)
         if trainer.logger is not None:
             trainer.logger.log_metrics({"knn/accuracy": acc}, step=step)
 
