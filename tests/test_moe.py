@@ -193,8 +193,7 @@ def test_modality_router_rejects_unknown_modality_name() -> None:
 
 
 def test_modality_router_logits_are_the_projection_of_token_plus_embedding() -> None:
-    # the router projects the M + 1 embeddings once and adds them per token; the definition
-    # is proj(x + e_m), with no embedding for CLS (index -1)
+    # the definition: proj(x + e_m), with no embedding for CLS (index -1)
     torch.manual_seed(0)
     moe = MoEMLP(16, 24, MODS, experts_per_modality=2, router="modality")
     x, idx, _ = _inputs()
@@ -206,7 +205,6 @@ def test_modality_router_logits_are_the_projection_of_token_plus_embedding() -> 
     got = moe.router(flat, fidx, MODS)
     assert got.shape == (24, 6)
     assert torch.allclose(got, expected, atol=1e-6), (got - expected).abs().max()
-    # gradients reach the embeddings through the folded form
     got.sum().backward()
     assert all(float(moe.router.modality_embed[m].grad.abs().sum()) > 0 for m in MODS)
 
