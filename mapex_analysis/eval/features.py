@@ -378,6 +378,8 @@ def extract_features(
     model_key = cache_key or (model_fingerprint(model) if cache_dir is not None else "")
     out: dict[str, SplitFeatures] = {}
     was_training = model.training
+    # batches go where the model's weights are (a model training on a GPU, say)
+    device = next((p.device for p in model.parameters()), None)
     model.eval()
     try:
         for split, split_data in _split_inputs(data).items():
@@ -400,8 +402,6 @@ def extract_features(
                     out[split] = cached
                     continue
             chunks = []
-            # batches go where the model's weights are (a model training on a GPU, say)
-            device = next((p.device for p in model.parameters()), None)
             with torch.inference_mode():
                 for x in _batches(arrays, modalities, batch_size, device):
                     chunks.append(_pooled(model, x, pool).float().cpu().numpy())

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import Literal, cast, get_args
 
 import torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
@@ -36,10 +36,11 @@ from mapex_analysis.modalities import get_modality, normalize
 from mapex_analysis.models.moe import RoutingInfo
 from mapex_analysis.models.token_model import TokenEncoder
 
-__all__ = ["MASK_MODES", "MAEOutput", "MaskedAutoencoder", "patchify"]
+__all__ = ["MASK_MODES", "MAEOutput", "MaskMode", "MaskedAutoencoder", "patchify"]
 
 #: How :meth:`MaskedAutoencoder.random_masking` draws the removed tokens.
-MASK_MODES: tuple[str, ...] = ("tokens", "positions")
+MaskMode = Literal["tokens", "positions"]
+MASK_MODES: tuple[str, ...] = get_args(MaskMode)
 
 
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -122,21 +122,29 @@ class LandcoverKnnProbe:
         self.batch_size, self.cache_dir = batch_size, cache_dir
         self.splits: dict[str, Any] | None = None
 
+    def scenes(self, encoder: torch.nn.Module) -> dict[str, Any]:
+        """The ``train`` / ``test`` SynthEO splits for ``encoder``'s modalities and size."""
+        from mapex_analysis.data import SynthEO
+
+        net: Any = encoder
+        if self.splits is None:
+            self.splits = {
+                s: SynthEO("landcover", s, seed=self.seed, n=n, modalities=tuple(net.modalities),
+                           img_size=int(net.img_size), cache_dir=self.cache_dir)
+                for s, n in (("train", self.n_train), ("test", self.n_test))
+            }  # fmt: skip
+        return self.splits
+
     def score(self, encoder: torch.nn.Module) -> float:
         """k-NN test accuracy of ``encoder``'s pooled features (its train mode is restored)."""
-        from mapex_analysis.data import SynthEO
         from mapex_analysis.eval.features import extract_features
         from mapex_analysis.eval.probes import knn_probe
 
         net: Any = encoder
         mods: tuple[str, ...] = tuple(net.modalities)
-        if self.splits is None:
-            self.splits = {
-                s: SynthEO("landcover", s, seed=self.seed, n=n, modalities=mods,
-                           img_size=int(net.img_size), cache_dir=self.cache_dir)
-                for s, n in (("train", self.n_train), ("test", self.n_test))
-            }  # fmt: skip
-        feats = extract_features(encoder, self.splits, modalities=mods, batch_size=self.batch_size)
+        feats = extract_features(
+            encoder, self.scenes(encoder), modalities=mods, batch_size=self.batch_size
+        )
         res = knn_probe(feats.train.X, feats.train.y, feats.test.X, feats.test.y, k=self.k)
         return float(res.metrics["accuracy"])
 
@@ -182,7 +190,7 @@ def evaluate_pretraining(
     for name, model in (("pretrained", pretrained), ("random", random_init)):
         acc[name] = probe.score(model)
         logger.info("%s %s: k-NN (k=%d) accuracy %.4f", checkpoint, name, k, acc[name])
-    splits = cast(dict[str, Any], probe.splits)
+    splits = probe.scenes(pretrained)
     out = PretrainEvaluation(str(checkpoint), acc["pretrained"], acc["random"], k, n_train, n_test)
     has_moe = any(hasattr(b.mlp, "experts") for b in getattr(pretrained, "blocks", []))
     if has_moe:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.utils.data import DataLoader, Dataset
 
 from mapex_analysis.data.tasks import get_task
-from mapex_analysis.models.mae import MaskedAutoencoder
+from mapex_analysis.models.mae import MaskedAutoencoder, MaskMode
 from mapex_analysis.models.registry import create_model
 from mapex_analysis.models.token_model import TokenEncoder
 
@@ -106,7 +106,7 @@ class PretrainConfig(BaseModel):
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     data: DataConfig = DataConfig()
     mask_ratio: float = Field(default=0.75, ge=0.0, lt=1.0)
-    mask_mode: Literal["tokens", "positions"] = "tokens"
+    mask_mode: MaskMode = "tokens"
     decoder_dim: int = Field(default=64, ge=4)
     decoder_depth: int = Field(default=2, ge=1)
     decoder_heads: int = Field(default=2, ge=1)
