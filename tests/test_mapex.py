@@ -31,13 +31,13 @@ def test_mapex_base_size_and_single_modality_reduction() -> None:
         full = create_model("mapex_base")
         one = create_model("mapex_base", modalities=("rgb",))
     # per block: attention 4*768^2 + 4*768 = 2,362,368; 7 experts of 1,181,184 (2*768^2 + 2*768);
-    # 2 LayerNorms 3,072; router 6*768 + 6 + modality embeddings 6*768 = 9,222 -> 10,642,950;
-    # x12 = 127,715,400; patch embeds 13 bands * 256 * 768 + 6 * 768 = 2,560,512; modality
-    # embeddings 4,608; CLS 768; final norm 1,536 -> 130,282,824
-    assert _n_params(full) == 130_282_824
-    # one group + shared: per block 2,362,368 + 2 * 1,181,184 + 3,072 + 769 + 768 = 4,729,345;
-    # x12 = 56,752,140; + rgb patch embed 590,592 + 768 + 768 + 1,536 = 57,345,804
-    assert _n_params(one) == 57_345_804
+    # 2 LayerNorms 3,072; router 6*768 + 6 + logit priors 6*6 = 4,650 -> 10,638,378;
+    # x12 = 127,660,536; patch embeds 13 bands * 256 * 768 + 6 * 768 = 2,560,512; modality
+    # embeddings 4,608; CLS 768; final norm 1,536 -> 130,227,960
+    assert _n_params(full) == 130_227_960
+    # one group + shared: per block 2,362,368 + 2 * 1,181,184 + 3,072 + 769 + 1 = 4,728,578;
+    # x12 = 56,742,936; + rgb patch embed 590,592 + 768 + 768 + 1,536 = 57,336,600
+    assert _n_params(one) == 57_336_600
     reduction = 1 - _n_params(one) / _n_params(full)
     assert 0.37 <= reduction <= 0.62  # 0.560
     assert 120e6 <= _n_params(full) <= 135e6

@@ -188,25 +188,71 @@ def test_top_k_beyond_the_group_is_rejected() -> None:
 
 def test_modality_router_rejects_unknown_modality_name() -> None:
     moe = MoEMLP(8, 8, MODS, router="modality")
-    with pytest.raises(ValueError, match=r"router has no embedding for modalities \['nir'\]"):
+    with pytest.raises(ValueError, match=r"router has no prior for modalities \['nir'\]"):
         moe(torch.randn(1, 2, 8), torch.tensor([[0, 1]]), ("rgb", "nir"))
 
 
-def test_modality_router_logits_are_the_projection_of_token_plus_embedding() -> None:
-    # the definition: proj(x + e_m), with no embedding for CLS (index -1)
+def test_modality_router_logits_are_the_projection_plus_the_modality_prior() -> None:
+    # the definition: proj(x) + b[m], b[m] starting at prior_init on m's own group, 0 elsewhere;
+    # no prior for CLS (index -1)
     torch.manual_seed(0)
-    moe = MoEMLP(16, 24, MODS, experts_per_modality=2, router="modality")
+    moe = MoEMLP(16, 24, MODS, experts_per_modality=2, router="modality", prior_init=3.0)
+    assert moe.router.prior["sar"].tolist() == [0.0, 0.0, 3.0, 3.0, 0.0, 0.0]
     x, idx, _ = _inputs()
     flat, fidx = x.reshape(-1, 16), idx.reshape(-1)
-    emb = torch.stack([moe.router.modality_embed[m] for m in MODS] + [torch.zeros(16)])
-    expected = torch.nn.functional.linear(
-        flat + emb[fidx], moe.router.proj.weight, moe.router.proj.bias
+    prior = torch.stack([moe.router.prior[m] for m in MODS] + [torch.zeros(6)])
+    expected = (
+        torch.nn.functional.linear(flat, moe.router.proj.weight, moe.router.proj.bias)
+        + prior[fidx]
     )
     got = moe.router(flat, fidx, MODS)
     assert got.shape == (24, 6)
     assert torch.allclose(got, expected, atol=1e-6), (got - expected).abs().max()
     got.sum().backward()
-    assert all(float(moe.router.modality_embed[m].grad.abs().sum()) > 0 for m in MODS)
+    assert all(float(moe.router.prior[m].grad.abs().sum()) > 0 for m in MODS)
+
+
+def test_pos_embed_router_sees_only_the_position_embedding() -> None:
+    # same positions, different tokens and modalities: same logits (no modality signal)
+    torch.manual_seed(0)
+    moe = MoEMLP(16, 24, MODS, experts_per_modality=2, router="pos_embed")
+    x, idx, pos = _inputs()
+    flat, fpos = x.reshape(-1, 16), pos.reshape(-1, 16)
+    a = moe.router(flat, idx.reshape(-1), MODS, fpos)
+    b = moe.router(torch.randn_like(flat), (idx.reshape(-1) + 1) % 3, MODS, fpos)
+    assert torch.equal(a, b)
+    assert len(moe.router.prior) == 0
+    with pytest.raises(ValueError, match="pos_embed router needs the tokens' position"):
+        moe.router(flat, idx.reshape(-1), MODS, None)
+
+
+def test_mutual_information_loss_is_minus_the_mi_of_the_router_distribution() -> None:
+    from mapex_analysis.models.moe import mutual_information_loss
+
+    # two modalities, each token puts all its mass on its own expert: MI = H(M) = log 2
+    probs_t = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])  # (E=2, T=4)
+    idx = torch.tensor([0, 0, 1, 1])
+    routed = torch.ones(4, dtype=torch.bool)
+    assert mutual_information_loss(probs_t, idx, routed, 2).item() == pytest.approx(
+        -torch.log(torch.tensor(2.0)).item(), abs=1e-6
+    )
+    # routing that ignores the modality: MI = 0
+    uniform = torch.full((2, 4), 0.5)
+    assert mutual_information_loss(uniform, idx, routed, 2).item() == pytest.approx(0.0, abs=1e-6)
+    # unrouted tokens do not count
+    assert mutual_information_loss(probs_t, idx, torch.zeros(4, dtype=torch.bool), 2).item() == 0
+
+
+def test_deterministic_router_has_zero_mi_loss_and_learned_routers_a_gradient() -> None:
+    torch.manual_seed(0)
+    x, idx, pos = _inputs(B=3, N=20)
+    det = MoEMLP(16, 24, MODS, experts_per_modality=2, router="deterministic")
+    assert det(x, idx, MODS, pos).mi_loss.item() == 0.0
+    mod = MoEMLP(16, 24, MODS, experts_per_modality=2, router="modality")
+    res = mod(x, idx, MODS, pos)
+    assert -1.1 < res.mi_loss.item() < 0.0  # own-group prior: MI > 0, at most log 3 nats
+    res.mi_loss.backward()
+    assert float(mod.router.prior["rgb"].grad.abs().sum()) > 0
 
 
 @pytest.mark.parametrize("router", ["modality", "pos_embed", "deterministic"])

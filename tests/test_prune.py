@@ -62,7 +62,8 @@ def test_static_keeps_the_modality_groups_and_shared_experts(mapex: nn.Module) -
         assert moe.expert_groups == ["sar"], name
         assert len(moe.experts) == 1 and len(moe.shared_experts) == 1
         assert moe.router.proj.out_features == 1
-        assert list(moe.router.modality_embed.keys()) == ["sar"]
+        assert list(moe.router.prior.keys()) == ["sar"]
+        assert moe.router.prior["sar"].shape == (1,)  # sliced to the kept expert
     report = pruned.op_report
     # mapex_test: 6 modalities x 1 expert; "sar" is group index 4 in every layer
     assert report["kept_experts"] == {"blocks.0.mlp": [4], "blocks.1.mlp": [4]}
@@ -85,7 +86,10 @@ def test_static_keeps_the_modality_groups_and_shared_experts(mapex: nn.Module) -
 def test_removing_experts_equals_masking_their_router_logits(
     router: str, top_k: int, keep: list[str]
 ) -> None:
-    model = _mapex(router=router, experts_per_modality=2, top_k=top_k)
+    # prior_init=0: without the own-group prior, tokens reach other groups at initialisation,
+    # so removing those experts changes the output (the mask matters)
+    extra = {"prior_init": 0.0} if router == "modality" else {}
+    model = _mapex(router=router, experts_per_modality=2, top_k=top_k, **extra)
     x = _inputs(model, keep, seed=1)
     pruned = prune_experts(model, keep)
     n_kept = 2 * len(keep)
@@ -203,9 +207,9 @@ def test_pruning_to_all_modalities_is_the_identity(mapex: nn.Module) -> None:
     static = prune_experts(mapex, list(ALL), coverage=1.0)
     calib = [_inputs(mapex, seed=3, batch=64)]
     routing = prune_experts(mapex, list(ALL), strategy="routing", calibration=calib, coverage=1.0)
-    # on 64 scenes every expert carried calibration traffic (the fewest, 5 assignments, went
-    # to expert 5 of block 0), so coverage 1.0 keeps them all
-    assert min(min(r["calibration_counts"]) for r in routing.op_report["layers"]) == 5
+    # the own-group prior at initialisation sends every modality's 64 x 4 = 256 tokens to its
+    # own expert in both layers, so every expert carried traffic and coverage 1.0 keeps all
+    assert [r["calibration_counts"] for r in routing.op_report["layers"]] == [[256] * 6] * 2
     assert routing.op_report["traffic_to_removed"]["overall"] == 0.0
     assert routing.op_report["kept_experts"] == {f"blocks.{i}.mlp": list(range(6)) for i in (0, 1)}
     with torch.no_grad():
@@ -221,11 +225,11 @@ def test_mapex_base_static_to_one_modality_drops_37_to_62_percent() -> None:
     pruned = prune_experts(base, ["sar"])
     before, after = _n(base), _n(pruned)
     # Per block (D = hidden = 768): 5 experts x (2 x (768*768 + 768)) = 5,905,920, their router
-    # rows 5 x 769 = 3,845 and router modality embeddings 5 x 768 = 3,840 -> 5,913,605;
-    # x 12 blocks = 70,963,260. Patch embeddings of rgb, red_edge, nir, swir, ele:
-    # 11 bands x 16*16*768 + 5 x 768 = 2,166,528; modality embeddings 5 x 768 = 3,840.
-    assert before - after == 70_963_260 + 2_166_528 + 3_840 == 73_133_628
-    assert 0.37 <= 1 - after / before <= 0.62  # 130,282,824 -> 57,149,196: 56.1 % fewer
+    # rows 5 x 769 = 3,845, router priors: 5 dropped modalities x 6 + 1 kept x 5 removed = 35
+    # -> 5,909,800; x 12 blocks = 70,917,600. Patch embeddings of rgb, red_edge, nir, swir,
+    # ele: 11 bands x 16*16*768 + 5 x 768 = 2,166,528; modality embeddings 5 x 768 = 3,840.
+    assert before - after == 70_917_600 + 2_166_528 + 3_840 == 73_087_968
+    assert 0.37 <= 1 - after / before <= 0.62  # 130,227,960 -> 57,139,992: 56.1 % fewer
     assert pruned.op_report["params_before"] == before
 
 
@@ -295,3 +299,15 @@ def test_bad_arguments(mapex: nn.Module) -> None:
     plan = prune_experts(mapex, ["sar"]).applied_ops[0]
     with pytest.raises(ValueError, match=r"must be distinct indices in \[0, 6\); bad: \[9\]"):
         apply_plan(mapex, {**plan, "kept_experts": {"blocks.0.mlp": [9], "blocks.1.mlp": [4]}})
+
+
+def test_own_group_prior_makes_static_pruning_lossless_at_initialisation() -> None:
+    # a fresh modality router: every token starts on its own group, so static pruning removes
+    # experts that carried no calibration traffic and the outputs are unchanged
+    model = _mapex(router="modality", experts_per_modality=2)
+    calib = [_inputs(model, ["nir"], seed=2, batch=8)]
+    pruned = prune_experts(model, ["nir"], calibration=calib)
+    assert pruned.op_report["traffic_to_removed"]["overall"] == 0.0
+    x = _inputs(model, ["nir"], seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), model(x), atol=1e-6, rtol=0)

@@ -15,7 +15,8 @@ So for MAPEX the active parameters of modality ``m`` are the shared attention an
 patch embedding of ``m``, the routed experts of ``m``'s group and the shared experts: what a model
 pruned to ``m`` with the ``static`` strategy keeps. With a learned router and ``top_k`` routing a
 token may reach another group's expert; that traffic is measured by the pruning operator's
-``traffic_to_removed``, not here.
+``traffic_to_removed``, and :func:`routed_active_params` counts the parameters a modality's
+tokens *did* reach on data (the experts its tokens were routed to, from measured routing counts).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import nn
 
 from mapex_analysis.modalities import ModalityError
 
-__all__ = ["ParamsReport", "count_params", "parameter_owners"]
+__all__ = ["ParamsReport", "count_params", "parameter_owners", "routed_active_params"]
 
 
 @dataclass(frozen=True)
@@ -162,3 +163,50 @@ def count_params(model: nn.Module, modalities: Iterable[str] | None = None) -> P
         by_modality={m: shared + owned[m] for m in declared},
         owned=owned,
     )
+
+
+def routed_active_params(model: nn.Module, routing: Iterable[object | None], modality: str) -> int:
+    """Parameters a modality's tokens reached on data: measured routing, not group labels.
+
+    Args:
+        model: A token model with MoE blocks (``model.blocks[i].mlp``).
+        routing: One entry per block, ``None`` for blocks without MoE, else an object with
+            ``counts`` ``(M, E)``, ``modalities`` and ``expert_groups`` (``RoutingCounts`` of
+            :func:`~mapex_analysis.measure.specialization.collect_routing`).
+        modality: The modality whose tokens are followed.
+
+    Returns:
+        Shared parameters (everything but routed experts and other modalities' embeddings),
+        plus ``modality``'s own per-modality parameters, plus every routed expert that
+        received at least one of its tokens.
+
+    Raises:
+        ModalityError: if the routing has no row for ``modality``.
+        ValueError: if the routing does not match the model's MoE layers.
+    """
+    owners = parameter_owners(model)
+    blocks = list(getattr(model, "blocks", []))
+    experts_of: dict[int, nn.ModuleList] = {
+        i: b.mlp.experts for i, b in enumerate(blocks) if _is_moe(getattr(b, "mlp", nn.Module()))
+    }
+    routed_ids = {id(p) for ex in experts_of.values() for p in ex.parameters()}
+    total = sum(
+        n for pid, (n, owner) in owners.items() if pid not in routed_ids and owner in (None, modality)
+    )
+    entries = list(routing)
+    if sorted(i for i, r in enumerate(entries) if r is not None) != sorted(experts_of):
+        raise ValueError(
+            f"routing has entries for blocks {[i for i, r in enumerate(entries) if r is not None]}"
+            f", the model has MoE blocks {sorted(experts_of)}"
+        )
+    for i, r in enumerate(entries):
+        if r is None:
+            continue
+        mods = list(getattr(r, "modalities"))
+        if modality not in mods:
+            raise ModalityError(f"routing of block {i} has no modality {modality!r}: {mods}")
+        row = getattr(r, "counts")[mods.index(modality)]
+        for e, expert in enumerate(experts_of[i]):
+            if int(row[e]) > 0:
+                total += sum(p.numel() for p in expert.parameters())
+    return total

@@ -69,9 +69,12 @@ class MAEOutput:
     """Result of one masked-autoencoding pass.
 
     Attributes:
-        loss: ``recon_loss + aux_weight * aux_loss`` (what is optimised).
+        loss: ``recon_loss + aux_weight * aux_loss + mi_weight * mi_loss`` (what is
+            optimised).
         recon_loss: Mean over present modalities of the masked-patch MSE.
         aux_loss: Encoder load-balance loss (0 for dense encoders).
+        mi_loss: Encoder mutual-information loss ``-I(M; E)`` summed over MoE layers, nats (0
+            for dense encoders and the deterministic router).
         per_modality: Masked-patch MSE of each present modality (detached).
         routing: The encoder's routing information.
         mask: ``(B, N)`` 1 where a token was masked.
@@ -80,6 +83,7 @@ class MAEOutput:
     loss: torch.Tensor
     recon_loss: torch.Tensor
     aux_loss: torch.Tensor
+    mi_loss: torch.Tensor
     per_modality: dict[str, torch.Tensor]
     routing: RoutingInfo
     mask: torch.Tensor
@@ -96,6 +100,8 @@ class MaskedAutoencoder(nn.Module):
         mask_ratio: Share of tokens removed, in ``[0, 1)``.
         norm_pix_loss: Standardise every target patch (MAE's option).
         aux_weight: Weight of the encoder's load-balance loss.
+        mi_weight: Weight of the encoder's mutual-information loss (Mod-Squad; see
+            :func:`~mapex_analysis.models.moe.mutual_information_loss`).
         mask_mode: ``"tokens"`` (each token independently) or ``"positions"`` (a patch
             position is masked in all modalities together).
 
@@ -113,6 +119,7 @@ class MaskedAutoencoder(nn.Module):
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = False,
         aux_weight: float = 0.01,
+        mi_weight: float = 0.0,
         mask_mode: str = "tokens",
     ) -> None:
         super().__init__()
@@ -127,6 +134,7 @@ class MaskedAutoencoder(nn.Module):
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.aux_weight = aux_weight
+        self.mi_weight = mi_weight
         p, grid = encoder.patch_size, encoder.img_size // encoder.patch_size
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
@@ -240,10 +248,12 @@ class MaskedAutoencoder(nn.Module):
             losses.append(loss_m)
         recon = torch.stack(losses).mean()
         aux = routing.aux_loss
+        mi = routing.mi_loss if routing.mi_loss is not None else aux.new_zeros(())
         return MAEOutput(
-            loss=recon + self.aux_weight * aux,
+            loss=recon + self.aux_weight * aux + self.mi_weight * mi,
             recon_loss=recon,
             aux_loss=aux,
+            mi_loss=mi,
             per_modality=per_mod,
             routing=routing,
             mask=mask,

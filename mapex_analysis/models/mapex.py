@@ -39,7 +39,8 @@ class MAPEXBlock(nn.Module):
         hidden: MLP / expert hidden size.
         modalities: Modality groups of the experts.
         moe: Use a :class:`MoEMLP` (else a dense timm ``Mlp``).
-        **moe_kwargs: ``experts_per_modality``, ``shared_experts``, ``top_k``, ``router``.
+        **moe_kwargs: ``experts_per_modality``, ``shared_experts``, ``top_k``, ``router``,
+            ``prior_init``.
     """
 
     def __init__(
@@ -103,6 +104,7 @@ class MAPEX(TokenEncoder):
         shared_experts: Experts every token uses.
         top_k: Routed experts per token.
         router: ``deterministic``, ``pos_embed`` or ``modality``.
+        prior_init: Initial own-group logit prior of the ``modality`` router.
         moe_every: Every ``moe_every``-th block (1-based: blocks ``moe_every - 1``,
             ``2 * moe_every - 1``...) has an MoE; ``1`` = every block.
         pool: ``"cls"`` or ``"mean"``.
@@ -126,6 +128,7 @@ class MAPEX(TokenEncoder):
         router: str = "modality",
         moe_every: int = 1,
         pool: str = "cls",
+        prior_init: float = 2.0,
     ) -> None:
         super().__init__(modalities, img_size, patch_size, embed_dim, pool)
         if moe_every < 1:
@@ -143,6 +146,7 @@ class MAPEX(TokenEncoder):
                 shared_experts=shared_experts,
                 top_k=top_k,
                 router=router,
+                prior_init=prior_init,
             )
             for i in range(depth)
         )
@@ -160,13 +164,13 @@ class MAPEX(TokenEncoder):
         modality_index: torch.Tensor,
         pos: torch.Tensor | None,
         with_aux: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, RoutingStats | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, RoutingStats | None, torch.Tensor | None]:
         """Run MAPEX block ``i`` with the model's current modalities."""
         block = cast(MAPEXBlock, self.blocks[i])
         x, res = block(x, modality_index, self.modalities, pos, with_aux)
         if res is None:
-            return x, None, None
-        return x, res.aux_loss, res.stats
+            return x, None, None, None
+        return x, res.aux_loss, res.stats, res.mi_loss
 
 
 def _build(defaults: dict[str, Any], overrides: dict[str, Any]) -> MAPEX:
@@ -181,11 +185,27 @@ def mapex_test(**kwargs: Any) -> MAPEX:
 
 @register_model(
     family="mapex",
-    description="MAPEX CPU study model: width 128, depth 6, patch 8, 32 px, 6+1 experts",
+    description="MAPEX CPU study model: width 128, depth 6, patch 8, 32 px, 6x2+1 experts",
 )
 def mapex_tiny(**kwargs: Any) -> MAPEX:
-    """MAPEX tiny: width 128, depth 6, 4 heads, patch 8 on 32x32, 1 expert/modality + 1 shared."""
-    return _build(dict(img_size=32, patch_size=8, embed_dim=128, depth=6, num_heads=4), kwargs)
+    """MAPEX tiny: width 128, depth 6, 4 heads, patch 8 on 32x32, 2 experts/modality + 1 shared.
+
+    Two routed experts per modality (top-1) give the learned routers room to differ from the
+    deterministic one: with one expert per modality, a router that keeps a modality on its own
+    group *is* the deterministic router. The active MLP per token is unchanged (one routed
+    expert plus the shared one, hidden ``2 D``).
+    """
+    return _build(
+        dict(
+            img_size=32,
+            patch_size=8,
+            embed_dim=128,
+            depth=6,
+            num_heads=4,
+            experts_per_modality=2,
+        ),
+        kwargs,
+    )
 
 
 @register_model(

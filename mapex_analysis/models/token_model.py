@@ -91,15 +91,16 @@ class TokenEncoder(nn.Module):
         modality_index: torch.Tensor,
         pos: torch.Tensor | None,
         with_aux: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, RoutingStats | None]:
-        """Run block ``i``; return ``(tokens, aux_loss or None, stats or None)``.
+    ) -> tuple[torch.Tensor, torch.Tensor | None, RoutingStats | None, torch.Tensor | None]:
+        """Run block ``i``; return ``(tokens, aux_loss, stats, mi_loss)`` (``None`` each where
+        the block has no router).
 
         The base implementation calls ``self.blocks[i](x)`` (a dense timm ``Block``).
         ``pos`` is ``(B, 1 + N, D)`` when :meth:`uses_positions` says so, else ``None``.
         ``with_aux=False``: the caller does not need the load-balance loss (MoE blocks may
         skip computing it and return ``None``).
         """
-        return self.blocks[i](x), None, None
+        return self.blocks[i](x), None, None, None
 
     # -- contract methods -----------------------------------------------------------------
     def tokenize(self, x: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,16 +147,19 @@ class TokenEncoder(nn.Module):
     ) -> tuple[torch.Tensor, RoutingInfo, list[torch.Tensor]]:
         x, idx, pos = self._prepare(tokens, modality_index, positions)
         aux = tokens.new_zeros(())
+        mi = tokens.new_zeros(())
         stats: list[RoutingStats | None] = []
         inter: list[torch.Tensor] = []
         for i in range(len(self.blocks)):
-            x, a, st = self.run_block(i, x, idx, pos, with_aux)
+            x, a, st, b = self.run_block(i, x, idx, pos, with_aux)
             if a is not None:
                 aux = aux + a
+            if b is not None:
+                mi = mi + b
             stats.append(st)
             if keep is not None and i in keep:
                 inter.append(x)
-        return self.norm(x), RoutingInfo(aux_loss=aux, stats=stats), inter
+        return self.norm(x), RoutingInfo(aux_loss=aux, stats=stats, mi_loss=mi), inter
 
     def encode(
         self,

@@ -11,8 +11,8 @@ them. :func:`prune_experts` returns a new, physically smaller model for a modali
   (experts ranked by assignment count; ties go to the lower index).
 
 The patch embeddings and modality embeddings of dropped modalities go, and so do the dropped
-experts with their router rows (``router.proj`` rows, and the modality router's embeddings of
-dropped modalities). Removing an expert is exactly masking its router logit to ``-inf`` before
+experts with their router rows (``router.proj`` rows and the modality router's prior entries;
+the priors of dropped modalities go entirely). Removing an expert is exactly masking its router logit to ``-inf`` before
 the top-k. A selected expert's gate depends only on its own logit (``sigmoid`` for the learned
 routers, ``1`` for the deterministic one; see :mod:`mapex_analysis.models.moe`), so removing
 experts that no token selected leaves every output unchanged: if no calibration token reached
@@ -298,9 +298,16 @@ def _prune_layer(moe: Any, kept: list[int], modalities: Sequence[str]) -> None:
     moe.experts = nn.ModuleList(moe.experts[i] for i in kept)
     moe.expert_groups = [moe.expert_groups[i] for i in kept]
     moe.router.proj = _slice_rows(moe.router.proj, kept)
-    for m in list(moe.router.modality_embed.keys()):
+    cols = torch.tensor(kept, dtype=torch.long)
+    for m in list(moe.router.prior.keys()):
         if m not in modalities:
-            del moe.router.modality_embed[m]
+            del moe.router.prior[m]
+        else:
+            old = moe.router.prior[m]
+            moe.router.prior[m] = nn.Parameter(
+                old.detach().index_select(0, cols.to(old.device)).clone(),
+                requires_grad=old.requires_grad,
+            )
 
 
 def _n_params(model: nn.Module) -> int:
@@ -422,7 +429,7 @@ def prune_experts(
 
     Returns:
         A new, smaller model: dropped modalities lose their patch and modality embeddings
-        (and router embeddings), removed experts their MLPs and router rows. It carries
+        (and router priors), removed experts their MLPs and router rows. It carries
         ``applied_ops`` (source ops plus this :class:`PrunePlan`), ``model_spec`` and
         ``op_report`` (kept/removed experts and their groups per layer, parameters before
         and after, and ``traffic_to_removed`` = ``{"overall", "per_layer", "assignments"}``

@@ -59,19 +59,25 @@ class Variant:
         width: Slimming width factor, or ``None``.
         mode: Slimming mode.
         order: Slimming channel order.
+        strategy: Pruning strategy (``static`` or ``routing``).
+        coverage: Coverage of the ``routing`` strategy (``None`` for ``static``).
     """
 
     prune: tuple[str, ...] | None = None
     width: float | None = None
     mode: str = "attn+mlp"
     order: str = "first"
+    strategy: str = "static"
+    coverage: float | None = None
 
     @property
     def key(self) -> str:
-        """``base``, ``prune[sar]``, ``slim[0.25,attn+mlp,first]`` or ``prune[sar]+slim[...]``."""
+        """``base``, ``prune[sar]``, ``prune[sar,routing@0.95]``, ``slim[0.25,attn+mlp,first]``
+        or ``prune[sar]+slim[...]``."""
         parts = []
         if self.prune is not None:
-            parts.append(f"prune[{'+'.join(self.prune)}]")
+            how = "" if self.strategy == "static" else f",routing@{self.coverage:g}"
+            parts.append(f"prune[{'+'.join(self.prune)}{how}]")
         if self.width is not None:
             parts.append(f"slim[{self.width:g},{self.mode},{self.order}]")
         return "+".join(parts) or "base"
@@ -256,10 +262,11 @@ def _variants(study: Study, cfg: ModelConfig, mods: tuple[str, ...]) -> list[tup
     # Input-restricted references exist for every prune set, even where pruning does not apply.
     sets = study.operators.prune.expanded(mods) if study.operators.prune is not None else []
     sets = [s for s in sets if s != mods]
+    plans = prune.plans() if prune is not None else []
     for s in sets:
         out.append((Variant(), s))
         if prune is not None and cfg.role == "mapex":
-            out.append((Variant(prune=s), s))
+            out += [(Variant(prune=s, strategy=st, coverage=c), s) for st, c in plans]
     if slim is not None:
         # widths on all the model's modalities, and widths on each prune set's modalities
         # (``modality_sets`` repeats the former there; ``slim_set_widths`` adds its own)
@@ -280,7 +287,9 @@ def _variants(study: Study, cfg: ModelConfig, mods: tuple[str, ...]) -> list[tup
                 out += [(Variant(width=w, mode=mode, order=order), mods) for w in base_widths]
                 out += [(Variant(width=w, mode=mode, order=order), s)
                         for w in set_widths for s in sets]  # fmt: skip
-                out += [(Variant(prune=s, width=w, mode=mode, order=order), s)
+                st0, c0 = plans[0] if plans else ("static", None)
+                out += [(Variant(prune=s, width=w, mode=mode, order=order, strategy=st0,
+                                 coverage=c0), s)
                         for w in pruned_widths for s in sets]  # fmt: skip
     return out
 
@@ -380,7 +389,7 @@ class _Context:
             return self.variants[key]
         model = self.base(label)
         if variant.prune is not None:
-            model = self._prune(model, variant.prune)
+            model = self._prune(model, variant)
         if variant.width is not None:
             from mapex_analysis.ops.slim import slim_width
 
@@ -393,18 +402,24 @@ class _Context:
             self.variants.popitem(last=False)
         return model
 
-    def _prune(self, model: nn.Module, mods: tuple[str, ...]) -> nn.Module:
+    def _prune(self, model: nn.Module, variant: Variant) -> nn.Module:
+        """Prune with calibration data always given (the first task's ``train`` split, seed
+        of the first study seed), so every pruned model reports ``traffic_to_removed``."""
         from mapex_analysis.ops import prune_experts
 
         cfg = self.study.operators.prune
-        assert cfg is not None  # a prune variant exists only with a prune config
-        if cfg.strategy == "routing":
-            calib = self.dataset(self.study.tasks[0], self.study.seeds[0], "train")
-            arrays = calib.arrays()
-            calibration = {m: torch.as_tensor(arrays[m][:128]) for m in mods}
-            return prune_experts(model, list(mods), strategy="routing",
-                                 calibration=calibration, coverage=cfg.coverage)  # fmt: skip
-        return prune_experts(model, list(mods), strategy="static")
+        assert cfg is not None and variant.prune is not None  # only with a prune config
+        mods = variant.prune
+        calib = self.dataset(self.study.tasks[0], self.study.seeds[0], "train")
+        arrays = calib.arrays()
+        n, bs = cfg.calibration_samples, self.study.data.batch_size
+        calibration = [
+            {m: torch.as_tensor(arrays[m][i : min(i + bs, n)]) for m in mods}
+            for i in range(0, min(n, len(arrays[mods[0]])), bs)
+        ]
+        coverage = variant.coverage if variant.coverage is not None else cfg.coverage
+        return prune_experts(model, list(mods), strategy=variant.strategy,
+                             calibration=calibration, coverage=coverage)  # fmt: skip
 
     def dataset(self, task: str, seed: int, split: str) -> Any:
         key = (task, seed, split)
@@ -467,6 +482,18 @@ def _cost_rows(ctx: _Context, cell: Cell) -> list[dict[str, Any]]:
                             "unit": "parameters"})  # fmt: skip
         rows.append(row0 | {"metric": "params_active", "value": float(prm.active),
                             "unit": "parameters"})  # fmt: skip
+    prune_reps = [r for r in getattr(model, "op_reports", []) if "traffic_to_removed" in r]
+    rep_p = prune_reps[-1] if prune_reps else None
+    traffic = rep_p.get("traffic_to_removed") if isinstance(rep_p, dict) else None
+    if cell.variant.prune is not None and isinstance(rep_p, dict):
+        kept = sum(len(r["kept"]) for r in rep_p["layers"])
+        before = sum(r["experts_before"] for r in rep_p["layers"])
+        rows.append(row0 | {"metric": "experts_kept", "value": float(kept), "unit": "experts"})
+        rows.append(row0 | {"metric": "experts_kept_share", "value": kept / before,
+                            "unit": "fraction"})  # fmt: skip
+        if traffic is not None:
+            rows.append(row0 | {"metric": "traffic_to_removed", "value": float(traffic["overall"]),
+                                "unit": "fraction of calibration assignments"})  # fmt: skip
     lat_widths = study.latency.widths
     timed = cell.variant.width is None or lat_widths is None or cell.variant.width in lat_widths
     if "latency" in study.measurements and timed:
@@ -495,9 +522,12 @@ def _eval_rows(ctx: _Context, cell: Cell) -> list[dict[str, Any]]:
     spec = train.task
     seg = spec.kind == "segmentation"
     weights = checkpoint_fingerprint(cfg.source) if cfg.is_checkpoint else ""
+    # keyed on the applied operator plans (strategy, coverage, kept experts, slim seed...),
+    # not on the variant's name: two plans with one name never share features
+    plan = json.dumps(getattr(model, "applied_ops", []), sort_keys=True, default=str)
     cache_key = (
         f"{cell.model}|{cfg.source}|{weights}|{json.dumps(cfg.kwargs, sort_keys=True)}|"
-        f"{cfg.router}|{cfg.init_seed}|{cell.variant.key}"
+        f"{cfg.router}|{cfg.init_seed}|{cell.variant.key}|{plan}"
     )
     feats = extract_features(
         model,
@@ -576,6 +606,12 @@ def _specialization_rows(model: nn.Module, test: Any, cell: Cell, row0: dict) ->
             "expert": -1 if r["expert"] is None else int(r["expert"]),
             "expert_group": r["expert_group"] or "",
         })  # fmt: skip
+    from mapex_analysis.measure.params import routed_active_params
+
+    for m in cell.modalities:  # what the tokens reached, not what the group labels say
+        rows.append(row0 | {"protocol": "routing", "metric": "params_active_routed",
+                            "value": float(routed_active_params(model, counts, m)),
+                            "unit": "parameters", "subject": m})  # fmt: skip
     return rows
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -259,11 +259,29 @@ class PruneConfig(_Strict):
             lists (``[rgb, sar]``).
         strategy: ``static`` (keep the task modalities' groups) or ``routing`` (calibrated).
         coverage: Routed-token share kept by the ``routing`` strategy.
+        coverages: Also prune every set with the ``routing`` strategy at each of these
+            coverages (a sweep: accuracy vs kept experts), in addition to ``strategy``.
+        calibration_samples: Scenes of the first task's ``train`` split used as calibration
+            data (``routing`` plans and the ``traffic_to_removed`` of every pruned model).
     """
 
     sets: list[Literal["each"] | list[str]] = Field(default=["each"])
     strategy: Literal["static", "routing"] = "static"
     coverage: float = Field(default=0.99, gt=0.0, le=1.0)
+    coverages: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(default_factory=list)
+    calibration_samples: int = Field(default=256, ge=1)
+
+    def plans(self) -> list[tuple[str, float | None]]:
+        """``(strategy, coverage)`` of every pruned variant: ``strategy`` first (coverage
+        ``None`` for ``static``), then ``routing`` at each of :attr:`coverages`."""
+        first: tuple[str, float | None] = (
+            (self.strategy, self.coverage) if self.strategy == "routing" else ("static", None)
+        )
+        out = [first]
+        for c in self.coverages:
+            if ("routing", c) not in out:
+                out.append(("routing", c))
+        return out
 
     @field_validator("sets", mode="before")
     @classmethod

@@ -107,6 +107,8 @@ class LandcoverKnnProbe:
         seed: SynthEO seed.
         batch_size: Scenes per forward pass.
         cache_dir: SynthEO cache directory (``None``: its default).
+        eval_split: The SynthEO split scored (``val`` by default: recipes chosen with this
+            probe are never chosen on the ``test`` split the studies report).
     """
 
     def __init__(
@@ -117,21 +119,26 @@ class LandcoverKnnProbe:
         seed: int = 0,
         batch_size: int = 250,
         cache_dir: str | Path | None = None,
+        eval_split: str = "val",
     ) -> None:
         self.n_train, self.n_test, self.k, self.seed = n_train, n_test, k, seed
         self.batch_size, self.cache_dir = batch_size, cache_dir
+        self.eval_split = eval_split
         self.splits: dict[str, Any] | None = None
 
     def scenes(self, encoder: torch.nn.Module) -> dict[str, Any]:
-        """The ``train`` / ``test`` SynthEO splits for ``encoder``'s modalities and size."""
+        """SynthEO ``train`` scenes and the scored scenes (``eval_split``, under the key
+        ``test``) for ``encoder``'s modalities and size."""
         from mapex_analysis.data import SynthEO
 
         net: Any = encoder
         if self.splits is None:
             self.splits = {
-                s: SynthEO("landcover", s, seed=self.seed, n=n, modalities=tuple(net.modalities),
-                           img_size=int(net.img_size), cache_dir=self.cache_dir)
-                for s, n in (("train", self.n_train), ("test", self.n_test))
+                key: SynthEO("landcover", split, seed=self.seed, n=n,
+                             modalities=tuple(net.modalities), img_size=int(net.img_size),
+                             cache_dir=self.cache_dir)
+                for key, split, n in (("train", "train", self.n_train),
+                                      ("test", self.eval_split, self.n_test))
             }  # fmt: skip
         return self.splits
 

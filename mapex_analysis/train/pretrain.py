@@ -84,6 +84,7 @@ class PretrainConfig(BaseModel):
         decoder_heads: MAE decoder heads.
         norm_pix_loss: Standardise target patches.
         aux_weight: Weight of the MoE load-balance loss.
+        mi_weight: Weight of the MoE mutual-information loss ``-I(M; E)`` (Mod-Squad).
         batch_size: Per-process batch size.
         max_steps: Optimiser steps.
         lr: Peak AdamW learning rate (per the global batch; not rescaled).
@@ -112,6 +113,7 @@ class PretrainConfig(BaseModel):
     decoder_heads: int = Field(default=2, ge=1)
     norm_pix_loss: bool = False
     aux_weight: float = Field(default=0.01, ge=0.0)
+    mi_weight: float = Field(default=0.0, ge=0.0)
     batch_size: int = Field(default=64, ge=1)
     max_steps: int = Field(default=1000, ge=1)
     lr: float = Field(default=1e-3, gt=0.0)
@@ -246,6 +248,7 @@ class MAEPretrainModule(L.LightningModule):
             mask_mode=config.mask_mode,
             norm_pix_loss=config.norm_pix_loss,
             aux_weight=config.aux_weight,
+            mi_weight=config.mi_weight,
         )
         self.recent_losses: list[float] = []
 
@@ -255,6 +258,7 @@ class MAEPretrainModule(L.LightningModule):
         self.log("train/loss", out.loss, prog_bar=True)
         self.log("train/recon", out.recon_loss)
         self.log("train/aux", out.aux_loss)
+        self.log("train/mi", out.mi_loss)
         for m, v in out.per_modality.items():
             self.log(f"train/recon_{m}", v)
         self.recent_losses.append(float(out.recon_loss.detach()))
