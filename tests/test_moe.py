@@ -202,8 +202,7 @@ def test_modality_router_logits_are_the_projection_plus_the_modality_prior() -> 
     flat, fidx = x.reshape(-1, 16), idx.reshape(-1)
     prior = torch.stack([moe.router.prior[m] for m in MODS] + [torch.zeros(6)])
     expected = (
-        torch.nn.functional.linear(flat, moe.router.proj.weight, moe.router.proj.bias)
-        + prior[fidx]
+        torch.nn.functional.linear(flat, moe.router.proj.weight, moe.router.proj.bias) + prior[fidx]
     )
     got = moe.router(flat, fidx, MODS)
     assert got.shape == (24, 6)

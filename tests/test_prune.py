@@ -291,8 +291,14 @@ def test_bad_arguments(mapex: nn.Module) -> None:
         prune_experts(mapex, ["sar"], strategy="routing")
     with pytest.raises(ValueError, match=r"calibration yielded no batch"):
         prune_experts(mapex, ["sar"], strategy="routing", calibration=[])
-    with pytest.raises(ValueError, match=r"has none of the kept modalities \['sar'\]"):
+    with pytest.raises(ValueError, match=r"batch 0 lacks the pruned-to modalities \['sar'\]"):
         prune_experts(mapex, ["sar"], strategy="routing", calibration=[_inputs(mapex, ["rgb"])])
+    # static pruning with calibration checks it too (it reports traffic_to_removed)
+    with pytest.raises(ValueError, match=r"batch 1 lacks the pruned-to modalities \['sar'\]"):
+        prune_experts(mapex, ["rgb", "sar"], calibration=[_inputs(mapex, ["rgb", "sar"]),
+                                                         _inputs(mapex, ["rgb"])])  # fmt: skip
+    with pytest.raises(ModalityError, match=r"MAPEX has no modality 'hsi'; valid modalities: rgb"):
+        prune_experts(mapex, ["hsi"])
     dense = create_model("vit_mae_test")
     with pytest.raises(TypeError, match=r"GroupChannelViT has no mixture-of-experts layer"):
         prune_experts(dense, ["sar"])

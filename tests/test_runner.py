@@ -37,6 +37,51 @@ def test_variant_keys() -> None:
     v = Variant(prune=("rgb", "sar"), width=0.5, mode="mlp", order="last")
     assert v.key == "prune[rgb+sar]+slim[0.5,mlp,last]"
     assert v.operator == "prune+slim"
+    r = Variant(prune=("sar",), strategy="routing", coverage=0.95)
+    assert r.key == "prune[sar,routing@0.95]" and r.operator == "prune"
+
+
+def test_coverage_sweep_adds_routing_variants_and_distinct_cells() -> None:
+    doc = {
+        "name": "g",
+        "models": {"m": {"source": "mapex_test"}},
+        "tasks": ["landcover"],
+        "operators": {"prune": {"sets": [["sar"], ["rgb", "sar"]], "coverages": [0.9, 0.99]}},
+    }
+    study = parse_study(doc)
+    cells = plan_grid(study, {"m": SIX})
+    keys = sorted({c.variant.key for c in cells if c.kind == "cost"})
+    assert keys == ["base", "prune[rgb+sar,routing@0.99]", "prune[rgb+sar,routing@0.9]",
+                    "prune[rgb+sar]", "prune[sar,routing@0.99]", "prune[sar,routing@0.9]",
+                    "prune[sar]"]  # fmt: skip
+    ids = [c.cell_id(study) for c in cells]
+    assert len(set(ids)) == len(ids)
+    with pytest.raises(ValueError, match=r"operators.prune.coverages.1"):
+        parse_study(doc | {"operators": {"prune": {"sets": ["each"], "coverages": [0.9, 1.5]}}})
+
+
+def test_feature_cache_key_is_the_applied_plan() -> None:
+    import torch
+
+    from mapex_analysis import create_model, prune_experts
+    from mapex_analysis.measure.cost import example_inputs
+    from mapex_analysis.study.runner import Cell, feature_cache_key
+
+    study = parse_study({"name": "k", "models": {"m": {"source": "mapex_test"}},
+                         "tasks": ["landcover"]})  # fmt: skip
+    cfg = study.models["m"]
+    torch.manual_seed(0)
+    base = create_model("mapex_test", experts_per_modality=2, prior_init=0.0).eval()
+    calib = [example_inputs(base, batch_size=16, modalities=["sar"], seed=1)]
+    static = prune_experts(base, ["sar"], calibration=calib)
+    routing = prune_experts(base, ["sar"], strategy="routing", calibration=calib, coverage=0.5)
+    cell = Cell("eval", "m", Variant(prune=("sar",)), ("sar",), "landcover", 0)
+    # same variant name, different plans (kept experts differ): different keys
+    assert static.op_report["kept_experts"] != routing.op_report["kept_experts"]
+    assert feature_cache_key(cfg, cell, static) != feature_cache_key(cfg, cell, routing)
+    # the same plan gives the same key
+    again = prune_experts(base, ["sar"], calibration=calib)
+    assert feature_cache_key(cfg, cell, static) == feature_cache_key(cfg, cell, again)
 
 
 def test_grid_size_by_hand() -> None:
@@ -117,6 +162,24 @@ def test_resume_skips_finished_cells(reference: tuple[Study, RunSummary]) -> Non
     full = macs[(macs["variant"] == "base") & (macs["modalities"].str.count(r"\+") == 5)]
     pruned = macs[macs["variant"] == "prune[sar]"]
     assert float(pruned["value"].iloc[0]) < float(full["value"].iloc[0])
+    # every pruned model was calibrated on the train split and reports its removed traffic:
+    # at initialisation the own-group prior keeps every token on its group, so it is 0
+    t = table1[table1["metric"] == "traffic_to_removed"].set_index("variant")["value"]
+    slim = "+slim[0.5,attn+mlp,first]"  # prune-then-slim reports its pruning step's traffic
+    assert t.to_dict() == {"prune[sar]": 0.0, "prune[rgb+sar]": 0.0, f"prune[sar]{slim}": 0.0,
+                           f"prune[rgb+sar]{slim}": 0.0}  # fmt: skip
+    kept = table1[table1["metric"] == "experts_kept"].set_index("variant")["value"].to_dict()
+    # 2 MoE layers, 1 expert per group
+    assert kept == {"prune[sar]": 2.0, "prune[rgb+sar]": 4.0, f"prune[sar]{slim}": 2.0,
+                    f"prune[rgb+sar]{slim}": 4.0}  # fmt: skip
+    # active parameters from the measured routing: what sar's tokens reached equals the
+    # static group count, since every token stayed on its group
+    routed = table1[(table1["metric"] == "params_active_routed") & (table1["variant"] == "base")
+                    & (table1["subject"] == "sar") & (table1["modalities"] == "sar")]  # fmt: skip
+    active = table1[(table1["metric"] == "params_active") & (table1["variant"] == "base")
+                    & (table1["modalities"] == "sar") & (table1["model"] == "mapex")]  # fmt: skip
+    assert len(routed) == 1  # specialisation rows: first task, unslimmed variants
+    assert float(routed["value"].iloc[0]) == pytest.approx(float(active["value"].iloc[0]))
 
 
 def _drop_cell_col(df: pd.DataFrame) -> pd.DataFrame:

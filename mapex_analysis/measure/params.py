@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -165,7 +166,7 @@ def count_params(model: nn.Module, modalities: Iterable[str] | None = None) -> P
     )
 
 
-def routed_active_params(model: nn.Module, routing: Iterable[object | None], modality: str) -> int:
+def routed_active_params(model: nn.Module, routing: Iterable[Any], modality: str) -> int:
     """Parameters a modality's tokens reached on data: measured routing, not group labels.
 
     Args:
@@ -191,7 +192,9 @@ def routed_active_params(model: nn.Module, routing: Iterable[object | None], mod
     }
     routed_ids = {id(p) for ex in experts_of.values() for p in ex.parameters()}
     total = sum(
-        n for pid, (n, owner) in owners.items() if pid not in routed_ids and owner in (None, modality)
+        n
+        for pid, (n, owner) in owners.items()
+        if pid not in routed_ids and owner in (None, modality)
     )
     entries = list(routing)
     if sorted(i for i, r in enumerate(entries) if r is not None) != sorted(experts_of):
@@ -202,10 +205,10 @@ def routed_active_params(model: nn.Module, routing: Iterable[object | None], mod
     for i, r in enumerate(entries):
         if r is None:
             continue
-        mods = list(getattr(r, "modalities"))
+        mods = list(r.modalities)
         if modality not in mods:
             raise ModalityError(f"routing of block {i} has no modality {modality!r}: {mods}")
-        row = getattr(r, "counts")[mods.index(modality)]
+        row = r.counts[mods.index(modality)]
         for e, expert in enumerate(experts_of[i]):
             if int(row[e]) > 0:
                 total += sum(p.numel() for p in expert.parameters())

@@ -217,7 +217,7 @@ def calibration_counts(
 
     Raises:
         ValueError: if ``calibration`` yields no batch, a batch that is not a modality dict,
-            or a batch with none of the modalities.
+            or a batch that lacks one of the modalities (named).
     """
     batches: Iterable[Any] = [calibration] if isinstance(calibration, Mapping) else calibration
     layers = _check_moe(model)
@@ -236,12 +236,13 @@ def calibration_counts(
                         "a calibration batch is a modality dict {modality: (B, C, H, W)}, "
                         f"got {type(batch).__name__}"
                     )
-                x = {m: v.to(device) for m, v in batch.items() if m in modalities}
-                if not x:
+                missing = [m for m in modalities if m not in batch]
+                if missing:
                     raise ValueError(
-                        f"calibration batch has none of the kept modalities {list(modalities)}; "
-                        f"it holds {sorted(batch)}"
+                        f"calibration batch {n_batches} lacks the pruned-to modalities "
+                        f"{missing} (kept: {list(modalities)}); it holds {sorted(batch)}"
                     )
+                x = {m: batch[m].to(device) for m in modalities}
                 _, info = encoder.forward_features(x, return_routing=True)
                 for i, stats in enumerate(info.stats):
                     if i not in index or stats is None:

@@ -34,6 +34,12 @@ from mapex_analysis.report.figures import (
     specialization_figures,
     widest,
 )
+from mapex_analysis.report.routing import (
+    coverage_table,
+    router_learned_sentences,
+    specialisation_table,
+    traffic_table,
+)
 from mapex_analysis.study.results import read_results
 
 __all__ = ["latest_study_dir", "modality_findings", "render_report"]
@@ -284,7 +290,18 @@ def render_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
         "model fed only that modality.</p>",
         _seed_table(df, summary, task),
         f"<h2>Router ablation ({html.escape(task)})</h2>",
+        "<p class='note'>Each router's model pruned (static) to the modality; accuracy %.</p>",
         _router_table(df, summary, task),
+        "<h3>What each router could and did learn</h3><ul>",
+        *[f"<li>{html.escape(s)}</li>" for s in router_learned_sentences(df)],
+        "</ul>",
+        "<h3>Traffic that static pruning removes (% of the modality's calibration "
+        "assignments, train split)</h3>",
+        traffic_table(df),
+        "<h3>Specialisation per layer (all modalities fed, test split)</h3>",
+        specialisation_table(df),
+        f"<h3>Pruning strategies: accuracy vs experts kept ({html.escape(task)})</h3>",
+        coverage_table(df, summary, task),
         "<h2>Figures</h2>",
     ]
     for i, (title, fig) in enumerate(figs):

@@ -42,7 +42,15 @@ from torch import nn
 from mapex_analysis.study.results import cell_path, finished_cells, write_cell, write_table
 from mapex_analysis.study.schema import ModelConfig, Study
 
-__all__ = ["Cell", "RunSummary", "Variant", "environment", "plan_grid", "run_study"]
+__all__ = [
+    "Cell",
+    "RunSummary",
+    "Variant",
+    "environment",
+    "feature_cache_key",
+    "plan_grid",
+    "run_study",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -511,6 +519,28 @@ def _cost_rows(ctx: _Context, cell: Cell) -> list[dict[str, Any]]:
     return rows
 
 
+def feature_cache_key(cfg: ModelConfig, cell: Cell, model: nn.Module) -> str:
+    """Feature-cache key of an eval cell: the model's source, weights and keyword arguments
+    and the **applied operator plans** (``model.applied_ops``: strategy, coverage, kept
+    experts, slim widths and seed...), not the variant's name, so two plans that share a name
+    (``prune[sar]`` static vs routing) never share features.
+
+    Args:
+        cfg: The model's study entry.
+        cell: The eval cell.
+        model: The variant model the features are extracted from.
+
+    Returns:
+        The key (the feature cache hashes it together with the data).
+    """
+    weights = checkpoint_fingerprint(cfg.source) if cfg.is_checkpoint else ""
+    plan = json.dumps(getattr(model, "applied_ops", []), sort_keys=True, default=str)
+    return (
+        f"{cell.model}|{cfg.source}|{weights}|{json.dumps(cfg.kwargs, sort_keys=True)}|"
+        f"{cfg.router}|{cfg.init_seed}|{cell.variant.key}|{plan}"
+    )
+
+
 def _eval_rows(ctx: _Context, cell: Cell) -> list[dict[str, Any]]:
     from mapex_analysis.eval import extract_features, run_probe
 
@@ -521,14 +551,7 @@ def _eval_rows(ctx: _Context, cell: Cell) -> list[dict[str, Any]]:
     test = ctx.dataset(cell.task, cell.seed, "test")
     spec = train.task
     seg = spec.kind == "segmentation"
-    weights = checkpoint_fingerprint(cfg.source) if cfg.is_checkpoint else ""
-    # keyed on the applied operator plans (strategy, coverage, kept experts, slim seed...),
-    # not on the variant's name: two plans with one name never share features
-    plan = json.dumps(getattr(model, "applied_ops", []), sort_keys=True, default=str)
-    cache_key = (
-        f"{cell.model}|{cfg.source}|{weights}|{json.dumps(cfg.kwargs, sort_keys=True)}|"
-        f"{cfg.router}|{cfg.init_seed}|{cell.variant.key}|{plan}"
-    )
+    cache_key = feature_cache_key(cfg, cell, model)
     feats = extract_features(
         model,
         {"train": train, "test": test},
