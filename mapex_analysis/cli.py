@@ -125,6 +125,13 @@ def macs(model: str, width: float | None, modalities: str | None, batch_size: in
 @click.option("--devices", default=None, help="Devices per node (count or 'auto').")
 @click.option("--num-nodes", type=int, default=None, help="Number of nodes (DDP).")
 @click.option("--accelerator", default=None, help="auto, cpu, gpu... (default: the config's).")
+@click.option(
+    "--strategy",
+    default=None,
+    help="Lightning strategy (default: auto for one process, ddp with unused parameters "
+    "allowed for several). Under SLURM (srun) and torchrun the ranks come from the "
+    "environment.",
+)
 @click.option("--max-steps", type=int, default=None, help="Override the config's steps.")
 @click.option("--output-dir", default=None, help="Override where the checkpoint is written.")
 @click.option(
@@ -139,6 +146,7 @@ def pretrain_cmd(
     devices: str | None,
     num_nodes: int | None,
     accelerator: str | None,
+    strategy: str | None,
     max_steps: int | None,
     output_dir: str | None,
     knn_every: int | None,
@@ -156,6 +164,7 @@ def pretrain_cmd(
         "--devices": devices,
         "--num-nodes": num_nodes,
         "--accelerator": accelerator,
+        "--strategy": strategy,
         "--max-steps": max_steps,
         "--output-dir": output_dir,
         "--knn-every": knn_every,
@@ -171,6 +180,7 @@ def pretrain_cmd(
             devices=dev,
             num_nodes=num_nodes,
             accelerator=accelerator,
+            strategy=strategy,
             max_steps=max_steps,
             output_dir=output_dir,
             command=command,
@@ -207,7 +217,14 @@ def validate(study: str) -> None:
 @click.argument("study", type=click.Path(dir_okay=False))
 @click.option("--dry-run", is_flag=True, help="List the grid and its size; run nothing.")
 @click.option("--fresh", is_flag=True, help="Discard finished cells and cached features first.")
-def run(study: str, dry_run: bool, fresh: bool) -> None:
+@click.option(
+    "--cluster",
+    default=None,
+    help="Where cells run: serial (default), local[:N] (N Dask worker processes), slurm, pbs "
+    "(dask-jobqueue, resources from the YAML's execution:) or tcp://host:port (a running "
+    "scheduler). Overrides execution.cluster.",
+)
+def run(study: str, dry_run: bool, fresh: bool, cluster: str | None) -> None:
     """Run a STUDY (resumable: finished cells are skipped), writing reports/<study>/."""
     from rich.progress import (
         BarColumn,
@@ -251,11 +268,31 @@ def run(study: str, dry_run: bool, fresh: bool) -> None:
             bar.update(job, completed=done, total=total,
                        description=f"{'skip' if skipped else 'done'} {cell.describe()}"[:70])  # type: ignore[attr-defined]  # fmt: skip
 
-        summary = run_study(cfg, fresh=fresh, progress=on_cell)
+        try:
+            summary = run_study(cfg, fresh=fresh, progress=on_cell, cluster=cluster)
+        except (ValueError, ModuleNotFoundError) as err:
+            _fail(err)
+            return
     console.print(
         f"{summary.cells} cells: {summary.ran} run, {summary.skipped} already finished; "
         f"{summary.rows:,} result rows in {summary.seconds:.1f} s -> {summary.study_dir}"
     )
+
+
+@main.command("job-script")
+@click.argument("study", type=click.Path(dir_okay=False))
+@click.option("--kind", type=click.Choice(["slurm", "pbs"]), default=None,
+              help="Batch system (default: the YAML's execution.cluster).")  # fmt: skip
+def job_script_cmd(study: str, kind: str | None) -> None:
+    """Print the batch script of one Dask worker of STUDY (what --cluster slurm|pbs submits)."""
+    from mapex_analysis.study.execution import job_script
+    from mapex_analysis.study.schema import StudyError, load_study
+
+    try:
+        cfg = load_study(study)
+        click.echo(job_script(cfg, kind))
+    except (StudyError, ValueError, ModuleNotFoundError) as err:
+        _fail(err)
 
 
 @main.command("report")

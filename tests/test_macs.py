@@ -599,3 +599,29 @@ def test_cross_check_flags_executed_but_unused_work(caplog: pytest.LogCaptureFix
     assert report.cross_check["flopcounter_macs"] == 64
     assert report.cross_check["rel_diff"] == pytest.approx(40 / 24)
     assert "_DeadBranch: fvcore counts 24 MACs, FlopCounterMode 64" in caplog.text
+
+
+def test_routed_active_params_follow_the_measured_routing() -> None:
+    import numpy as np
+
+    from mapex_analysis import create_model
+    from mapex_analysis.measure.params import routed_active_params
+    from mapex_analysis.measure.specialization import RoutingCounts
+
+    torch.manual_seed(0)
+    model = create_model("mapex_test").eval()  # 2 MoE blocks, 6 groups x 1 expert + 1 shared
+    mods = tuple(model.modalities)
+    groups = tuple(model.blocks[0].mlp.expert_groups)
+    expert = sum(p.numel() for p in model.blocks[0].mlp.experts[0].parameters())
+    static = count_params(model, ["sar"]).active
+    own = np.zeros((6, 6), dtype=np.int64)
+    own[mods.index("sar"), groups.index("sar")] = 10
+    on_group = [RoutingCounts(own, mods, groups)] * 2
+    assert routed_active_params(model, on_group, "sar") == static
+    # sar tokens that also reached the rgb expert in block 1: one more expert is active
+    cross = own.copy()
+    cross[mods.index("sar"), groups.index("rgb")] = 1
+    routing = [RoutingCounts(own, mods, groups), RoutingCounts(cross, mods, groups)]
+    assert routed_active_params(model, routing, "sar") == static + expert
+    with pytest.raises(ValueError, match=r"routing has entries for blocks \[0\]"):
+        routed_active_params(model, [on_group[0], None], "sar")

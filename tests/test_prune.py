@@ -317,3 +317,16 @@ def test_own_group_prior_makes_static_pruning_lossless_at_initialisation() -> No
     x = _inputs(model, ["nir"], seed=5)
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), model(x), atol=1e-6, rtol=0)
+
+
+def test_mapex_base_pruned_to_one_modality_runs_without_the_others() -> None:
+    torch.manual_seed(0)
+    base = create_model("mapex_base").eval()
+    pruned = prune_experts(base, ["sar"])
+    others = ["rgb", "red_edge", "nir", "swir", "ele"]
+    keys = list(pruned.state_dict())
+    assert not [k for k in keys if any(f".{m}" in k for m in others)], keys[:5]
+    assert pruned.modalities == ("sar",)
+    with torch.no_grad():
+        out = pruned(example_inputs(pruned, batch_size=1, modalities=["sar"]))
+    assert out.shape == (1, 768)

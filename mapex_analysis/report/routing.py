@@ -115,9 +115,12 @@ def specialisation_table(df: pd.DataFrame) -> str:
         h_m = float("nan")
         for g in routers.values():
             gl = g[g["layer"] == layer]
-            base = dict(model=str(gl["model"].iloc[0]) if len(gl) else "", variant="base",
-                        modalities=str(gl["modalities"].iloc[0]) if len(gl) else "",
-                        protocol="routing", layer=layer)  # fmt: skip
+            if gl.empty:
+                cells += ["<td>-</td>", "<td>-</td>"]
+                continue
+            base = dict(model=str(gl["model"].iloc[0]), variant="base",
+                        modalities=str(gl["modalities"].iloc[0]), task=str(gl["task"].iloc[0]),
+                        seed=int(gl["seed"].iloc[0]), protocol="routing", layer=layer)  # fmt: skip
             mi = _value(gl, metric="mutual_information")
             cells.append(_cell(mi, base | {"metric": "mutual_information"}, "bits"))
             own = gl[gl["metric"] == "own_group_share"]["value"]

@@ -20,6 +20,7 @@ import pandas as pd
 
 __all__ = [
     "COLUMNS",
+    "cell_file_problem",
     "cell_path",
     "finished_cells",
     "read_results",
@@ -104,12 +105,56 @@ def cell_path(study_dir: str | Path, cell_id: str) -> Path:
     return Path(study_dir) / "cells" / f"{cell_id}.parquet"
 
 
+def cell_file_problem(path: Path) -> str | None:
+    """Why a cell file is unreadable (``None`` when it is a whole Parquet file).
+
+    A file written by :func:`write_cell` is always whole (atomic rename), but one copied
+    partially onto a shared filesystem or cut by a full disk is not: its Parquet footer is
+    missing or its metadata does not parse.
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        size = path.stat().st_size
+        if size < 12:
+            return f"{size} bytes, too short for a Parquet file"
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+            fh.seek(-4, os.SEEK_END)
+            tail = fh.read(4)
+        if head != b"PAR1" or tail != b"PAR1":
+            return "no Parquet magic bytes at its start or end (truncated or partial copy)"
+        pq.read_metadata(path)
+    except Exception as err:  # any unreadable file is a problem to report, not to raise
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _cell_files(folder: Path, remove: bool = True) -> list[Path]:
+    """Whole cell files of ``folder``; unreadable ones are named in a warning and (``remove``)
+    deleted, so a resumed run recomputes them (their rows were never complete)."""
+    out = []
+    for p in sorted(folder.glob("*.parquet")):
+        if p.name.startswith("."):
+            continue
+        problem = cell_file_problem(p)
+        if problem is not None:
+            what = "removed, the cell will be recomputed" if remove else "skipped"
+            logger.warning("corrupt cell file %s (%s): %s", p, problem, what)
+            if remove:
+                p.unlink(missing_ok=True)
+            continue
+        out.append(p)
+    return out
+
+
 def finished_cells(study_dir: str | Path) -> set[str]:
-    """Ids of the cells whose results file exists (temporary files are ignored)."""
+    """Ids of the cells whose results file exists and is whole (temporary files are ignored;
+    corrupt files are removed with a warning naming them)."""
     folder = Path(study_dir) / "cells"
     if not folder.is_dir():
         return set()
-    return {p.stem for p in folder.glob("*.parquet") if not p.name.startswith(".")}
+    return {p.stem for p in _cell_files(folder)}
 
 
 def write_cell(study_dir: str | Path, cell_id: str, rows: Iterable[Mapping[str, Any]]) -> Path:
@@ -148,8 +193,8 @@ def read_results(study_dir: str | Path) -> pd.DataFrame:
         FileNotFoundError: if the folder has neither cell files nor ``results.parquet``.
     """
     folder = Path(study_dir)
-    files = sorted((folder / "cells").glob("*.parquet")) if (folder / "cells").is_dir() else []
-    files = [f for f in files if not f.name.startswith(".")]
+    # a corrupt file is skipped with a warning here (the next run removes and recomputes it)
+    files = _cell_files(folder / "cells", remove=False) if (folder / "cells").is_dir() else []
     if files:
         df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
     elif (folder / "results.parquet").is_file():

@@ -39,7 +39,14 @@ import torch
 import yaml
 from torch import nn
 
-from mapex_analysis.study.results import cell_path, finished_cells, write_cell, write_table
+from mapex_analysis.study.execution import cluster_kind, run_on_dask
+from mapex_analysis.study.results import (
+    cell_file_problem,
+    cell_path,
+    finished_cells,
+    write_cell,
+    write_table,
+)
 from mapex_analysis.study.schema import ModelConfig, Study
 
 __all__ = [
@@ -708,8 +715,48 @@ def iter_pending(study: Study, cells: list[Cell]) -> Iterator[tuple[Cell, str, b
         yield cell, cid, cid in done
 
 
+#: Worker-local contexts (models, variants, data), one per study, reused by the cells a worker
+#: process runs (``execute_cell``).
+_WORKER_CONTEXTS: dict[str, _Context] = {}
+
+
+def execute_cell(study: Study, cell: Cell, cell_id: str) -> bool:
+    """Compute one cell and write its file, in whatever process runs it (a Dask worker).
+
+    Models, variants and data are cached per process and study. A cell whose file another
+    worker or run already wrote whole is not computed again.
+
+    Args:
+        study: The study.
+        cell: The cell.
+        cell_id: Its id (``cell.cell_id(study)``).
+
+    Returns:
+        Whether this call computed the cell.
+    """
+    path = cell_path(study.study_dir, cell_id)
+    if path.is_file() and cell_file_problem(path) is None:
+        return False
+    torch.set_num_threads(study.execution.threads_per_worker)
+    key = study.model_dump_json()
+    ctx = _WORKER_CONTEXTS.get(key)
+    if ctx is None:
+        _WORKER_CONTEXTS.clear()  # one study at a time per worker
+        ctx = _WORKER_CONTEXTS[key] = _Context(study, study.study_dir)
+    t_cell = time.perf_counter()
+    rows = _run_cell(ctx, cell)
+    write_cell(study.study_dir, cell_id, rows)
+    logger.info("%s: %d rows in %.2f s (pid %d)", cell.describe(), len(rows),
+                time.perf_counter() - t_cell, os.getpid())  # fmt: skip
+    return True
+
+
 def run_study(
-    study: Study, *, fresh: bool = False, progress: ProgressFn | None = None
+    study: Study,
+    *,
+    fresh: bool = False,
+    progress: ProgressFn | None = None,
+    cluster: str | None = None,
 ) -> RunSummary:
     """Run every unfinished cell of a study and write the results table.
 
@@ -720,11 +767,23 @@ def run_study(
         study: The validated study.
         fresh: Delete the study's previous cell results (and feature cache) first.
         progress: Called after every cell with ``(done, total, cell, skipped)``.
+        cluster: Where the cells run (overrides ``study.execution.cluster``): ``serial``,
+            ``local[:N]``, ``slurm``, ``pbs`` or ``tcp://host:port`` (see
+            :mod:`mapex_analysis.study.execution`).
 
     Returns:
         A :class:`RunSummary`.
+
+    Raises:
+        ValueError: for a malformed cluster string.
     """
     import shutil
+
+    if cluster is not None:
+        cluster_kind(cluster)  # a clear error before any work
+        study = study.model_copy(
+            update={"execution": study.execution.model_copy(update={"cluster": cluster})}
+        )
 
     t0 = time.perf_counter()
     study_dir = study.study_dir
@@ -741,6 +800,20 @@ def run_study(
     if stale:
         logger.warning("removed %d cell results that no longer match the study", len(stale))
     ran = skipped = 0
+    if study.execution.cluster != "serial":
+        pending = []
+        for cell, cid, done in iter_pending(study, cells):
+            if done:
+                skipped += 1
+                if progress is not None:
+                    progress(skipped, len(cells), cell, True)
+            else:
+                pending.append((cell, cid))
+        ran = run_on_dask(study, pending, execute_cell, total=len(cells), done_before=skipped,
+                          progress=progress, needs_gpu=study.execution.gpus > 0)  # fmt: skip
+        table = write_table(study_dir)
+        return RunSummary(study_dir, len(cells), ran, skipped, len(table),
+                          time.perf_counter() - t0)  # fmt: skip
     for i, (cell, cid, done) in enumerate(iter_pending(study, cells)):
         if done:
             skipped += 1

@@ -35,6 +35,8 @@ from mapex_analysis.modalities import DEFAULT_MODALITIES
 
 __all__ = [
     "DataConfig",
+    "ExecutionConfig",
+    "JobResources",
     "LatencyConfig",
     "ModelConfig",
     "OperatorsConfig",
@@ -433,6 +435,65 @@ class FinetuneConfig(_Strict):
     batch_size: int = Field(default=64, ge=1)
 
 
+_CLUSTER = re.compile(r"^(serial|local(:[1-9][0-9]*)?|slurm|pbs|tcp://[^\s:]+:[0-9]+)$")
+
+
+class JobResources(_Strict):
+    """Resources of one batch job (one Dask worker) on SLURM or PBS (``dask-jobqueue``).
+
+    Attributes:
+        jobs: Jobs (workers) to request.
+        cores: CPU cores per job.
+        memory: Memory per job (``"32GB"``).
+        gpus: GPUs per job (each becomes the worker resource ``GPU``: a cell that needs a GPU
+            takes one).
+        walltime: Job wall-clock limit (``"02:00:00"``).
+        queue: Partition / queue.
+        account: Account / project to charge.
+        job_extra: Extra scheduler directives (``["--constraint=a100"]``).
+        prologue: Shell lines run before the worker starts (``["module load cuda"]``).
+    """
+
+    jobs: int = Field(default=1, ge=1)
+    cores: int = Field(default=4, ge=1)
+    memory: str = "16GB"
+    gpus: int = Field(default=0, ge=0)
+    walltime: str = "01:00:00"
+    queue: str | None = None
+    account: str | None = None
+    job_extra: list[str] = Field(default_factory=list)
+    prologue: list[str] = Field(default_factory=list)
+
+
+class ExecutionConfig(_Strict):
+    """Where the cells run.
+
+    Attributes:
+        cluster: ``serial`` (one process, the default), ``local`` / ``local:N`` (a Dask
+            ``LocalCluster`` of N worker processes on this machine, default 2), ``slurm`` /
+            ``pbs`` (``dask-jobqueue`` with :attr:`resources`), or the address of a running
+            Dask scheduler (``tcp://host:8786``).
+        threads_per_worker: Torch threads of each worker (cells run one at a time per worker).
+        gpus: ``local`` only: GPUs of this machine given one per worker (``CUDA_VISIBLE_DEVICES``
+            per worker, resource ``GPU=1``); 0 for none.
+        resources: Batch-job resources for ``slurm`` / ``pbs``.
+    """
+
+    cluster: str = "serial"
+    threads_per_worker: int = Field(default=1, ge=1)
+    gpus: int = Field(default=0, ge=0)
+    resources: JobResources = JobResources()
+
+    @field_validator("cluster")
+    @classmethod
+    def _check_cluster(cls, v: str) -> str:
+        if not _CLUSTER.match(v):
+            raise ValueError(
+                f"cluster {v!r} is not one of serial, local, local:N, slurm, pbs, tcp://host:port"
+            )
+        return v
+
+
 class Study(_Strict):
     """A whole study.
 
@@ -453,6 +514,7 @@ class Study(_Strict):
         attribution_samples: Test samples explained per cell by modality attribution.
         retention_target: Retention the report's per-modality sentences look for.
         output_dir: Parent folder of the study's results.
+        execution: :class:`ExecutionConfig` (where the cells run; ``--cluster`` overrides it).
     """
 
     name: str
@@ -470,6 +532,7 @@ class Study(_Strict):
     attribution_samples: int = Field(default=64, ge=2)
     retention_target: float = Field(default=0.95, gt=0.0, le=1.0)
     output_dir: str = "reports"
+    execution: ExecutionConfig = ExecutionConfig()
 
     @field_validator("name")
     @classmethod

@@ -13,6 +13,9 @@ CONFIG --knn-every N``): at the start (the random initialisation, which is the r
 :func:`evaluate_pretraining` builds, since both seed with the config's seed) and every ``N``
 steps, logged as ``knn/accuracy`` next to the losses. This is how the recipe in
 ``studies/pretrain/`` was chosen.
+
+:func:`evaluate_static_pruning` checks MAPEX's promise on a checkpoint: static pruning to one
+modality removes experts that carried (almost) none of its tokens and keeps its k-NN accuracy.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ __all__ = [
     "KnnMonitor",
     "LandcoverKnnProbe",
     "PretrainEvaluation",
+    "PruningEvaluation",
     "evaluate_pretraining",
+    "evaluate_static_pruning",
     "top_expert_share",
 ]
 
@@ -265,3 +270,125 @@ class KnnMonitor(L.Callback):
         """Score after every ``every``-th optimiser step."""
         if trainer.global_step % self.every == 0:
             self._record(trainer, pl_module)
+
+
+@dataclass
+class PruningEvaluation:
+    """Result of :func:`evaluate_static_pruning` (one MAPEX checkpoint).
+
+    Attributes:
+        checkpoint: The checkpoint directory.
+        split: SynthEO split scored and used as calibration (held out from any tuning).
+        n_train: k-NN training scenes (``train`` split).
+        n_test: Scored scenes.
+        traffic_to_removed: Per modality: share of its routed assignments (the model fed that
+            modality alone) that went to the experts static pruning to it removes.
+        knn_full: Per modality: k-NN accuracy of the unpruned model fed that modality.
+        knn_pruned: Per modality: k-NN accuracy of the model statically pruned to it.
+        own_group_share: ``(layers, M)``: share of each modality's assignments on its own
+            group, all modalities fed together.
+        mutual_information_bits: ``I(M; E)`` per MoE layer, all modalities fed (bits).
+        modality_entropy_bits: ``H(M)`` of that data (the upper bound of the MI), bits.
+        modalities: The model's modalities (columns of ``own_group_share``).
+    """
+
+    checkpoint: str
+    split: str
+    n_train: int
+    n_test: int
+    traffic_to_removed: dict[str, float] = field(default_factory=dict)
+    knn_full: dict[str, float] = field(default_factory=dict)
+    knn_pruned: dict[str, float] = field(default_factory=dict)
+    own_group_share: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    mutual_information_bits: list[float] = field(default_factory=list)
+    modality_entropy_bits: float = float("nan")
+    modalities: tuple[str, ...] = ()
+
+    def knn_drop(self, modality: str) -> float:
+        """``knn_full - knn_pruned`` of ``modality`` (accuracy as a fraction)."""
+        return self.knn_full[modality] - self.knn_pruned[modality]
+
+
+def evaluate_static_pruning(
+    checkpoint: str | Path,
+    *,
+    n_train: int = 1000,
+    n_test: int = 1000,
+    split: str = "test",
+    k: int = 5,
+    seed: int = 0,
+    batch_size: int = 250,
+    knn: bool = True,
+    cache_dir: str | Path | None = None,
+) -> PruningEvaluation:
+    """Does static modality-aware pruning of a MAPEX checkpoint lose anything?
+
+    For every modality ``m`` of the checkpoint: feed SynthEO land-cover scenes of ``m`` alone,
+    prune statically to ``m`` with those scenes as calibration (``traffic_to_removed``), and
+    compare k-NN accuracy (paired: same scenes, same probe) of the pruned and the unpruned
+    model fed ``m``. Also the per-layer specialisation with all modalities fed.
+
+    Args:
+        checkpoint: A MAPEX checkpoint directory.
+        n_train: k-NN training scenes (``train`` split of seed ``seed``).
+        n_test: Scenes of ``split`` scored (and used as calibration).
+        split: The held-out split (``test`` by default; recipes are chosen on ``val``).
+        k: Neighbours.
+        seed: SynthEO seed.
+        batch_size: Scenes per forward pass.
+        knn: Score the k-NN probes (``False``: routing measures only).
+        cache_dir: SynthEO cache directory.
+
+    Returns:
+        :class:`PruningEvaluation`.
+
+    Raises:
+        CheckpointError: for a missing or corrupted checkpoint.
+        TypeError: if the checkpoint has no MoE layer.
+    """
+    from mapex_analysis.data import SynthEO
+    from mapex_analysis.eval.features import extract_features
+    from mapex_analysis.eval.probes import knn_probe
+    from mapex_analysis.measure.specialization import (
+        collect_routing,
+        modality_entropy_bits,
+        mutual_information_bits,
+        own_group_share,
+    )
+    from mapex_analysis.models.checkpoint import load_model
+    from mapex_analysis.ops.prune import prune_experts
+
+    model: Any = load_model(checkpoint).eval()
+    mods: tuple[str, ...] = tuple(model.modalities)
+    size = int(model.img_size)
+    data = {
+        "train": SynthEO("landcover", "train", seed=seed, n=n_train, modalities=mods,
+                         img_size=size, cache_dir=cache_dir),
+        "test": SynthEO("landcover", split, seed=seed, n=n_test, modalities=mods,
+                        img_size=size, cache_dir=cache_dir),
+    }  # fmt: skip
+    held = data["test"].arrays()
+    out = PruningEvaluation(str(checkpoint), split, n_train, n_test, modalities=mods)
+    layers = [c for c in collect_routing(model, held, modalities=mods) if c is not None]
+    out.own_group_share = np.array(
+        [own_group_share(c.counts, c.modalities, c.expert_groups) for c in layers]
+    )
+    out.mutual_information_bits = [mutual_information_bits(c.counts) for c in layers]
+    out.modality_entropy_bits = modality_entropy_bits(layers[0].counts)
+    for m in mods:
+        calib = [
+            {m: torch.as_tensor(held[m][i : i + batch_size])} for i in range(0, n_test, batch_size)
+        ]
+        pruned: Any = prune_experts(model, [m], strategy="static", calibration=calib)
+        out.traffic_to_removed[m] = float(pruned.op_report["traffic_to_removed"]["overall"])
+        if not knn:
+            continue
+        for net, acc in ((model, out.knn_full), (pruned, out.knn_pruned)):
+            f = extract_features(net, data, modalities=(m,), batch_size=batch_size)
+            res = knn_probe(f.train.X, f.train.y, f.test.X, f.test.y, k=k)
+            acc[m] = float(res.metrics["accuracy"])
+        logger.info(
+            "%s pruned to %s: traffic to removed %.4f, k-NN %.4f (full %.4f)",
+            checkpoint, m, out.traffic_to_removed[m], out.knn_pruned[m], out.knn_full[m],
+        )  # fmt: skip
+    return out

@@ -420,6 +420,13 @@ def pretrain(
             "command": f"`{cmd}`",
             "steps": trainer.global_step,
             "batch_size": f"{cfg.batch_size} per process x {trainer.world_size} process(es)",
+            "global_batch": cfg.batch_size * trainer.world_size,
+            "world_size": (
+                f"{trainer.world_size} ({trainer.num_nodes} node(s) x "
+                f"{trainer.num_devices} device(s), strategy {type(trainer.strategy).__name__}, "
+                "cluster environment "
+                f"{type(getattr(trainer.strategy, 'cluster_environment', None)).__name__})"
+            ),
             "final_loss": f"{final:.4f} (mean masked-patch MSE over the last "
             f"{len(losses)} steps, normalised units)",
             "wall_time": f"{seconds:.0f} s ({cfg.accelerator}, {trainer.world_size} process(es))",
