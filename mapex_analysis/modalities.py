@@ -5,8 +5,8 @@ adapters that need wavelengths (DOFA in µm, CopernicusFM and Panopticon in nm) 
 :data:`BANDS`, never from hand-typed lists, and data sources name their channels by band.
 
 The six default modality groups follow the band grouping of the MAPEX authors' earlier public
-code (DESIGN.md section 2). They are configurable: :func:`register_modality` adds or replaces a
-group.
+code (listed by ``mapex-study list modalities``). They are configurable:
+:func:`register_modality` adds or replaces a group.
 
 Units:
     * Sentinel-2 bands: surface reflectance in [0, 1] (L2A digital numbers / 10,000). Raw digital
@@ -88,7 +88,7 @@ def _s2(name: str, wl: float, mean: float, std: float) -> Band:
     return Band(name, "sentinel2", wl, "reflectance", mean, std, (-0.05, 1.6))
 
 
-# Sentinel-2 MSI centre wavelengths (nm), DESIGN.md section 2. Means/stds are typical L2A
+# Sentinel-2 MSI centre wavelengths (nm; ESA's Sentinel-2 MSI band table). Means/stds are typical L2A
 # reflectance statistics over land (order of magnitude of the SSL4EO-S12 / BigEarthNet
 # statistics divided by 10,000); SynthEO is rendered in the same unit.
 BANDS: dict[str, Band] = {

@@ -29,7 +29,7 @@ from mapex_analysis.modalities import ModalityError
 #   attention matmuls: 12 blocks * (QK^T + AV) = 12 * 2 * 197^2 * 768     =    715,327,488
 #   layer norms (fvcore: 5 per element): 25 norms * 197 * 768 * 5         =     18,912,000
 #   total                                                                 = 17,582,740,224
-# The analytic reference without norms is 17,564 G MACs (REFERENCES.md).
+# The analytic reference without norms is 17,564 G MACs (197 tokens x (3 x 768^2 + 768^2 + 2 x 768 x 3072) x 12 blocks + head).
 VIT_B_LINEAR = 197 * 768 * 9216 * 12 + 768 * 1000
 VIT_B_CONV = 196 * 768 * 768
 VIT_B_ATTN = 12 * 2 * 197**2 * 768
@@ -426,7 +426,7 @@ def test_slimmed_vit_relative_macs_follow_formula_over_the_grid() -> None:
 def test_slimmed_vit_b16_12_bands_smallest_width_reference() -> None:
     from mapex_analysis.ops import slim_width
 
-    # REFERENCES.md: ViT-B/16, 224 px, 12 bands, smallest width -> about 3.2-3.3 % compute.
+    # The slimmability paper: ViT-B/16, 224 px, 12 bands, smallest width -> about 3.2-3.3 % compute.
     model = timm.create_model(
         "vit_base_patch16_224", pretrained=False, in_chans=12, num_classes=0, weight_init="skip"
     ).eval()

@@ -264,3 +264,27 @@ def test_without_aux_the_output_and_statistics_are_unchanged(router: str) -> Non
     assert lean.aux_loss is None and full.aux_loss is not None
     assert torch.equal(lean.out, full.out)
     assert torch.equal(lean.stats.counts, full.stats.counts)
+
+
+def test_mi_loss_is_taken_over_expert_groups() -> None:
+    # a prior so large that all softmax mass stays on the own group (split over its 2
+    # experts): the modality-group MI is then H(M), whatever the split inside the group
+    torch.manual_seed(0)
+    moe = MoEMLP(16, 24, MODS, experts_per_modality=2, router="modality", prior_init=50.0)
+    x, idx, pos = _inputs(B=1, N=12)  # modalities of the 11 routed tokens: 3 x 0, 4 x 1, 4 x 2
+    p = torch.tensor([3.0, 4.0, 4.0]) / 11
+    h_m = float(-(p * p.log()).sum())
+    assert moe(x, idx, MODS, pos).mi_loss.item() == pytest.approx(-h_m, abs=1e-5)
+    # rgb tokens on expert 0 and sar tokens on expert 1: different experts of one group, so
+    # the group-level MI only tells ele apart: H(G) of (rgb + sar, ele) = (7, 4) / 11
+    with torch.no_grad():
+        for m, e in (("rgb", 0), ("sar", 1), ("ele", 4)):
+            moe.router.prior[m].zero_()
+            moe.router.prior[m][e] = 50.0
+    q = torch.tensor([7.0, 4.0]) / 11
+    assert moe(x, idx, MODS, pos).mi_loss.item() == pytest.approx(
+        float((q * q.log()).sum()), abs=1e-5
+    )
+    # without a prior, at initialisation routing barely depends on the modality
+    flat = MoEMLP(16, 24, MODS, experts_per_modality=2, router="modality", prior_init=0.0)
+    assert -0.1 < flat(x, idx, MODS, pos).mi_loss.item() <= 0.0

@@ -50,7 +50,7 @@ __all__ = [
 #: Sentinel-2 L1C/L2A products store reflectance x 10,000 as integers.
 S2_DN_SCALE = 10_000.0
 
-#: Sentinel-1 dB range of the project (DESIGN.md section 2).
+#: Sentinel-1 backscatter range (dB) the project accepts (see :mod:`mapex_analysis.modalities`).
 SAR_DB_RANGE = (-25.0, 0.0)
 
 

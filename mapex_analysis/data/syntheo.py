@@ -1,4 +1,4 @@
-"""SynthEO: a seeded, physically grounded multi-modal scene generator (DESIGN.md section 3).
+"""SynthEO: a seeded, physically grounded multi-modal scene generator.
 
 No real dataset can be downloaded on the machines this project is built on, so the package
 ships scenes that behave like the real sensors:

@@ -5,9 +5,8 @@ A task is data, not code: :class:`TaskSpec` names the label kind (``multiclass``
 their names. Probes, fine-tuning and the study runner pick their head and metric from ``kind``.
 
 The land-cover legend is ESA-WorldCover-like (Zanaga et al., 2022, "ESA WorldCover 10 m 2021
-v200"), refined so that some class pairs are separable by one modality only (DESIGN.md
-section 3): broadleaf vs conifer forest (red edge / NIR), lowland vs alpine grassland
-(elevation only), grassland vs wetland (SAR, SWIR), built-up vs bare (SAR).
+v200"), refined so that some class pairs are separable by one modality only: broadleaf vs conifer
+forest (red edge / NIR), lowland vs alpine grassland (elevation only), grassland vs wetland (SAR, SWIR), built-up vs bare (SAR).
 """
 
 from __future__ import annotations

@@ -18,12 +18,14 @@ _API = {
     "sdpa_macs": "mapex_analysis.measure.macs",
     "ParamsReport": "mapex_analysis.measure.params",
     "count_params": "mapex_analysis.measure.params",
+    "routed_active_params": "mapex_analysis.measure.params",
     "LatencyPoint": "mapex_analysis.measure.latency",
     "LatencyReport": "mapex_analysis.measure.latency",
     "measure_latency": "mapex_analysis.measure.latency",
     "redundancy_metrics": "mapex_analysis.measure.redundancy",
     "specialization_metrics": "mapex_analysis.measure.specialization",
-    "modality_attribution": "mapex_analysis.measure.attribution",
+    "modality_ablation": "mapex_analysis.measure.attribution",
+    "band_integrated_gradients": "mapex_analysis.measure.attribution",
 }
 
 __all__ = sorted(_API)

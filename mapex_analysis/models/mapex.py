@@ -1,6 +1,7 @@
 """MAPEX: a ViT whose MLPs are mixtures of modality experts.
 
-Our reading of MAPEX (DESIGN.md section 4 and the seed slides; the authors' code is not public):
+Our reading of MAPEX (Hanna, Scheibenreif, Borth, arXiv 2507.07527, and its slides; the authors'
+code is not public):
 per-modality patch embeddings, 2-D sin-cos position embedding plus a learned modality
 embedding (:mod:`mapex_analysis.models.tokenizer`), the tokens of all present modalities
 concatenated after a CLS token, then blocks of shared timm ``Attention`` and a

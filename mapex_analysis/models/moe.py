@@ -20,7 +20,7 @@ public):
   Why not the Switch/GShard gate ``softmax(z)[e]``? Its denominator sums over *every* allowed
   expert, so physically removing an expert that no token ever selected would still rescale
   every other token's gate. With a per-expert gate, removing experts that received no tokens
-  leaves the outputs unchanged (DESIGN.md section 4, modality-aware pruning), and removing an
+  leaves the outputs unchanged (see :mod:`mapex_analysis.ops.prune`), and removing an
   expert is exactly masking its logit to ``-inf``.
 * Routers (the seed's "Type of Router" ablation). They differ only in what the router sees
   and which prior it has; all score with one ``proj``, an ``nn.Linear(D, E)``
@@ -600,6 +600,9 @@ class MoEMLP(nn.Module):
         aux = (weight * p_sum).sum()
         if self.router.kind == "deterministic":
             mi = aux.new_zeros(())
-        else:
-            mi = mutual_information_loss(probs_t, idx, routed, M)
+        else:  # MI between the token's modality and the *group* of the chosen expert
+            names = list(dict.fromkeys(self.expert_groups))
+            gidx = torch.tensor([names.index(g) for g in self.expert_groups], device=x.device)
+            group_t = probs_t.new_zeros(len(names), probs_t.shape[1]).index_add_(0, gidx, probs_t)
+            mi = mutual_information_loss(group_t, idx, routed, M)
         return MoEOutput(out=out.reshape(B, N, D), aux_loss=aux, stats=stats, mi_loss=mi)

@@ -1,4 +1,4 @@
-"""Other remote sensing foundation models behind one contract (DESIGN.md section 6).
+"""Other remote sensing foundation models behind one contract (see :mod:`mapex_analysis.models.adapters.base`).
 
 Importing this package registers every adapter with :mod:`mapex_analysis.models.registry`.
 """
