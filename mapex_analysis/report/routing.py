@@ -164,6 +164,17 @@ def router_learned_sentences(df: pd.DataFrame) -> list[str]:
                 f"; static pruning to one modality removed experts carrying "
                 f"{100 * tr.min():.2f}-{100 * tr.max():.2f} % of that modality's traffic"
             )
+        routed = df[(df["metric"] == "params_active_routed") & (df["model"] == model)
+                    & (df["variant"] == "base") & (df["modalities"] == df["subject"])]  # fmt: skip
+        static = df[(df["metric"] == "params_active") & (df["model"] == model)
+                    & (df["variant"] == "base") & df["modalities"].isin(routed["modalities"])]  # fmt: skip
+        if len(routed) and len(static):
+            did += (
+                f"; active parameters of a modality fed alone, from the experts its tokens "
+                f"reached: {routed['value'].min():,.0f}-{routed['value'].max():,.0f} (its own "
+                f"group and the shared parts: {static['value'].min():,.0f}-"
+                f"{static['value'].max():,.0f})"
+            )
         out.append(f"{r} router ({model}): {could}; measured: {did}.")
     return out
 

@@ -715,6 +715,12 @@ def iter_pending(study: Study, cells: list[Cell]) -> Iterator[tuple[Cell, str, b
         yield cell, cid, cid in done
 
 
+def _needs_gpu(study: Study) -> bool:
+    """Whether every cell takes one ``GPU`` worker resource (local GPUs, or GPU batch jobs)."""
+    ex = study.execution
+    return ex.gpus > 0 or (ex.cluster in ("slurm", "pbs") and ex.resources.gpus > 0)
+
+
 #: Worker-local contexts (models, variants, data), one per study, reused by the cells a worker
 #: process runs (``execute_cell``).
 _WORKER_CONTEXTS: dict[str, _Context] = {}
@@ -810,7 +816,7 @@ def run_study(
             else:
                 pending.append((cell, cid))
         ran = run_on_dask(study, pending, execute_cell, total=len(cells), done_before=skipped,
-                          progress=progress, needs_gpu=study.execution.gpus > 0)  # fmt: skip
+                          progress=progress, needs_gpu=_needs_gpu(study))  # fmt: skip
         table = write_table(study_dir)
         return RunSummary(study_dir, len(cells), ran, skipped, len(table),
                           time.perf_counter() - t0)  # fmt: skip

@@ -425,7 +425,9 @@ def pretrain(
                 f"{trainer.world_size} ({trainer.num_nodes} node(s) x "
                 f"{trainer.num_devices} device(s), strategy {type(trainer.strategy).__name__}, "
                 "cluster environment "
-                f"{type(getattr(trainer.strategy, 'cluster_environment', None)).__name__})"
+                f"{type(getattr(trainer.strategy, 'cluster_environment', None)).__name__})".replace(
+                    "NoneType", "none"
+                )
             ),
             "final_loss": f"{final:.4f} (mean masked-patch MSE over the last "
             f"{len(losses)} steps, normalised units)",
