@@ -288,10 +288,10 @@ def test_slurm_environment_ddp_ranks_hold_identical_weights(tmp_path: Path) -> N
     for k in ends[0]:
         assert torch.equal(ends[0][k], ends[1][k]), k
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "16" in card.split("global_batch")[1].splitlines()[0]  # 8 per process x 2
+    assert "- global batch: 16" in card.splitlines()  # 8 per process x 2 ranks
     assert "SLURMEnvironment" in card
 
 
 def test_serial_reference_is_not_empty(serial: pd.DataFrame) -> None:
     # the equality checks above compare against this table: it must hold the whole grid
-    assert serial["cell"].nunique() == 42 and len(serial) > 1000
+    assert serial["cell"].nunique() == 42 and len(serial) > 500

@@ -450,8 +450,10 @@ class _MoEOnly(nn.Module):
         super().__init__()
         self.moe = moe
 
-    def forward(self, x: torch.Tensor, modality_index: torch.Tensor) -> torch.Tensor:
-        return self.moe(x, modality_index).out
+    def forward(
+        self, x: torch.Tensor, modality_index: torch.Tensor, pos: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.moe(x, modality_index, pos=pos).out
 
 
 @pytest.mark.parametrize(
@@ -484,7 +486,9 @@ def test_moe_layer_counts_router_plus_k_active_experts_plus_shared(
     )
     x = torch.randn(2, 5, 8)
     index = torch.tensor([[-1, 0, 0, 1, 1], [-1, 1, 1, 1, 0]])  # CLS takes shared experts only
-    report = count_macs(_MoEOnly(moe), (x, index))
+    # the pos_embed router scores the position embedding of each token (same T * D * E MACs)
+    inputs = (x, index, torch.randn(2, 5, 8)) if router == "pos_embed" else (x, index)
+    report = count_macs(_MoEOnly(moe), inputs)
     E = 2 * experts_per_modality
     assert report.total == expected
     assert report.by_module["moe.router"] == 10 * 8 * E
@@ -492,7 +496,7 @@ def test_moe_layer_counts_router_plus_k_active_experts_plus_shared(
     assert report.by_module["moe.experts"] == top_k * 2_048
     # per expert: (tokens routed to it) * 256; the trace sees the routed token counts
     with torch.no_grad():
-        counts = moe(x, index).stats.counts.sum(0)  # (E,) tokens per routed expert
+        counts = moe(*inputs[:2], pos=inputs[2] if len(inputs) > 2 else None).stats.counts.sum(0)
     for e in range(E):
         assert report.by_module.get(f"moe.experts.{e}", 0) == int(counts[e]) * 256
     # the routing statistics are a bincount and the load-balance loss has no matmul either, so
@@ -552,10 +556,11 @@ def test_mapex_per_modality_breakdown_and_active_params() -> None:
     assert dispatch <= set(report.unsupported)
     params = count_params(model)
     # per modality owned: patch embedding (C * 64 + 1) * 32, modality embedding 32, router
-    # embedding 2 * 32 (one per block), 2 experts (32 * 32 + 32 + 32 * 32 + 32 = 2,112 each)
-    # sar: (128 + 1) * 32 + 32 + 64 + 2 * 2,112 = 4,128 + 96 + 4,224 = 8,448
-    assert params.owned["sar"] == 8_448
-    assert params.by_modality["sar"] == params.shared + 8_448
+    # logit prior 2 * 6 (one entry per routed expert, per block), 2 experts (one per block,
+    # 32 * 32 + 32 + 32 * 32 + 32 = 2,112 each)
+    # sar: (128 + 1) * 32 + 32 + 12 + 2 * 2,112 = 4,128 + 44 + 4,224 = 8,396
+    assert params.owned["sar"] == 8_396
+    assert params.by_modality["sar"] == params.shared + 8_396
     assert params.total == params.shared + sum(params.owned.values())
     assert count_params(model, ["sar", "rgb"]).active == (
         params.shared + params.owned["sar"] + params.owned["rgb"]

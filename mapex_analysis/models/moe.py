@@ -46,8 +46,8 @@ public):
 
   Why this mechanism (all numbers on ``mapex_tiny``, 2 experts per modality, top-1, the
   3,000-step recipe of ``studies/pretrain/mapex_tiny.yaml``, scored on 1,000 ``val``
-  land-cover scenes): the earlier modality router, ``proj(x + e_m)`` with a learned modality embedding
-  and no prior, never tied a modality to its own group (own-group share 0.15-0.20, chance
+  land-cover scenes): the earlier modality router, ``proj(x + e_m)`` with a learned
+  modality embedding and no prior, never tied a modality to its own group (own-group share 0.15-0.20, chance
   1/6; static pruning removed experts that carried 80-85 % of a modality's tokens), because
   nothing in the objective prefers one expert identity over another. The own-group prior
   alone holds early (share 1.00 after 400 steps) but drifts: after 3,000 steps the share

@@ -149,7 +149,7 @@ def _router_table(df: pd.DataFrame, summary: pd.DataFrame, task: str) -> str:
                 cells.append(_td(_mean(df, **q), q))
             rows.append(f"<tr><td class='l'>{m}</td>{''.join(cells)}</tr>")
         head = "".join(f"<th>{r}</th>" for r in routers)
-        out.append(f"<h4>{protocol} ({metric}, %)</h4><table><tr><th class='l'>modality</th>"
+        out.append(f"<h4>{protocol} ({metric}, %)</h4><table><tr><th class='l'>pruned to</th>"
                    f"{head}</tr>{''.join(rows)}</table>")  # fmt: skip
     return "".join(out)
 

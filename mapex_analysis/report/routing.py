@@ -104,7 +104,8 @@ def specialisation_table(df: pd.DataFrame) -> str:
     routers = {r: g for r, g in routers.items() if not g.empty}
     if not routers:
         return "<p class='note'>No routing statistics in this study.</p>"
-    layers = sorted({int(v) for g in routers.values() for v in g["layer"].unique()})
+    # per-layer rows only (per-modality rows such as params_active_routed carry layer -1)
+    layers = sorted({int(v) for g in routers.values() for v in g["layer"].unique() if v >= 0})
     head = "".join(
         f"<th>{html.escape(r)}: MI (bits)</th><th>{html.escape(r)}: min own-group share</th>"
         for r in routers
@@ -220,7 +221,7 @@ def coverage_table(df: pd.DataFrame, summary: pd.DataFrame, task: str) -> str:
         of = "" if math.isnan(total) else f" of {total:.0f}"
         out.append(
             f"<h4>{html.escape(str(model))} ({html.escape(protocol)} accuracy % / routed experts "
-            f"kept{of}, all MoE layers)</h4><table><tr><th class='l'>modality</th>{head}</tr>"
+            f"kept{of}, all MoE layers)</h4><table><tr><th class='l'>pruned to</th>{head}</tr>"
             + "".join(rows)
             + "</table>"
         )
