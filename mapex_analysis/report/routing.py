@@ -77,7 +77,7 @@ def traffic_table(df: pd.DataFrame) -> str:
             cells.append(_cell(_value(df, **q), q))
         rows.append(f"<tr><td class='l'>{m}</td>{''.join(cells)}</tr>")
     head = "".join(f"<th>{html.escape(r)}</th>" for r in routers)
-    return "<table><tr><th class='l'>modality</th>" + head + "</tr>" + "".join(rows) + "</table>"
+    return "<table><tr><th class='l'>pruned to</th>" + head + "</tr>" + "".join(rows) + "</table>"
 
 
 def _routing_rows(df: pd.DataFrame, model: str) -> pd.DataFrame:
