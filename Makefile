@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 # torch/torchvision pair; on the build machines this resolves from local disk.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STUDY ?= studies/prune_vs_slim.yaml
+# where the demo's cells run: two Dask worker processes (one thread each) use both cores of the
+# build machine twice as well as one process with two threads; CLUSTER=serial for one process
+CLUSTER ?= local:2
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: venv test lint typecheck pytest demo bench clean
@@ -31,7 +34,7 @@ pytest: venv
 test: lint typecheck pytest
 
 demo: venv
-	$(VENV)/bin/mapex-study run $(STUDY)
+	OMP_NUM_THREADS=1 $(VENV)/bin/mapex-study run $(STUDY) --cluster $(CLUSTER)
 	$(VENV)/bin/mapex-study report
 
 bench: venv
