@@ -47,8 +47,8 @@ public):
   Why this mechanism (all numbers on ``mapex_tiny``, 2 experts per modality, top-1, the
   3,000-step recipe of ``studies/pretrain/mapex_tiny.yaml``, scored on 1,000 ``val``
   land-cover scenes): the earlier modality router, ``proj(x + e_m)`` with a learned
-  modality embedding and no prior, never tied a modality to its own group (own-group share 0.15-0.20, chance
-  1/6; static pruning removed experts that carried 80-85 % of a modality's tokens), because
+  modality embedding and no prior, never tied a modality to its own group (own-group share
+  0.15-0.20, chance 1/6; static pruning removed experts that carried 80-85 % of a modality's tokens), because
   nothing in the objective prefers one expert identity over another. The own-group prior
   alone holds early (share 1.00 after 400 steps) but drifts: after 3,000 steps the share
   fell to 0.85-0.99 per layer and static pruning removed 0.5-4.0 % of a modality's traffic.
@@ -401,6 +401,7 @@ class MoEMLP(nn.Module):
         self._mask_cache: dict[
             tuple[object, ...], tuple[torch.Tensor, torch.Tensor, tuple[bool, ...]]
         ] = {}
+        self._group_cache: dict[tuple[object, ...], torch.Tensor] = {}
 
     @property
     def num_experts(self) -> int:
@@ -438,6 +439,17 @@ class MoEMLP(nn.Module):
             if len(self._mask_cache) >= 8:
                 self._mask_cache.clear()
             self._mask_cache[key] = hit
+        return hit
+
+    def _group_index(self, device: torch.device) -> torch.Tensor:
+        """``(E,)`` index of each routed expert's group (groups in order of first appearance);
+        cached per configuration (the key holds ``expert_groups``, which pruning replaces)."""
+        key = (tuple(self.expert_groups), device)
+        hit = self._group_cache.get(key)
+        if hit is None:
+            names = list(dict.fromkeys(self.expert_groups))
+            hit = torch.tensor([names.index(g) for g in self.expert_groups], device=device)
+            self._group_cache = {key: hit}  # one configuration at a time
         return hit
 
     def _decide(
@@ -610,8 +622,8 @@ class MoEMLP(nn.Module):
         if self.router.kind == "deterministic":
             mi = aux.new_zeros(())
         else:  # MI between the token's modality and the *group* of the chosen expert
-            names = list(dict.fromkeys(self.expert_groups))
-            gidx = torch.tensor([names.index(g) for g in self.expert_groups], device=x.device)
-            group_t = probs_t.new_zeros(len(names), probs_t.shape[1]).index_add_(0, gidx, probs_t)
+            gidx = self._group_index(x.device)
+            group_t = probs_t.new_zeros(int(gidx.max()) + 1, probs_t.shape[1])
+            group_t.index_add_(0, gidx, probs_t)
             mi = mutual_information_loss(group_t, idx, routed, M)
         return MoEOutput(out=out.reshape(B, N, D), aux_loss=aux, stats=stats, mi_loss=mi)

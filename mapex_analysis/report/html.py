@@ -12,10 +12,8 @@ from __future__ import annotations
 import html
 import json
 import logging
-import math
 import os
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -24,6 +22,8 @@ import plotly.offline
 import yaml
 
 from mapex_analysis.modalities import DEFAULT_MODALITIES
+from mapex_analysis.report.cells import mean as _mean
+from mapex_analysis.report.cells import td as _td
 from mapex_analysis.report.figures import (
     attribution_figure,
     latency_figure,
@@ -63,33 +63,9 @@ window.addEventListener('unhandledrejection', function(e){ window.onerror(String
 """
 
 
-def _fmt(v: float, unit: str = "fraction") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if unit == "fraction":
-        return f"{100 * v:.1f}"
-    if unit in ("MACs", "parameters"):
-        return f"{v:,.0f}"
-    return f"{v:.3g}"
-
-
-def _td(v: float, query: dict[str, Any], unit: str = "fraction") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "<td>-</td>"
-    q = html.escape(json.dumps(query, sort_keys=True))
-    return f'<td data-value="{v!r}" data-unit="{unit}" data-query="{q}">{_fmt(v, unit)}</td>'
-
-
 def _primary_task(df: pd.DataFrame) -> str:
     tasks = list(dict.fromkeys(df["task"][df["task"] != ""]))
     return "landcover" if "landcover" in tasks else (tasks[0] if tasks else "")
-
-
-def _mean(df: pd.DataFrame, **eq: Any) -> float:
-    m = df
-    for k, v in eq.items():
-        m = m[m[k] == v]
-    return float(m["value"].mean()) if len(m) else float("nan")
 
 
 def _seed_table(df: pd.DataFrame, summary: pd.DataFrame, task: str) -> str:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Mapping
 
 import pandas as pd
 
 from mapex_analysis.modalities import DEFAULT_MODALITIES
+from mapex_analysis.report.cells import mean, td
+from mapex_analysis.report.figures import widest
 
 __all__ = ["coverage_table", "router_learned_sentences", "specialisation_table", "traffic_table"]
 
@@ -26,31 +27,10 @@ _COULD = {
 }
 
 
-def _fmt_pct(v: float) -> str:
-    return "-" if v is None or math.isnan(v) else f"{100 * v:.1f}"
-
-
-def _cell(v: float, query: Mapping[str, object], unit: str = "fraction") -> str:
-    import json
-
-    if v is None or math.isnan(v):
-        return "<td>-</td>"
-    q = html.escape(json.dumps(query, sort_keys=True))
-    text = _fmt_pct(v) if unit == "fraction" else f"{v:.3g}"
-    return f'<td data-value="{v!r}" data-unit="{unit}" data-query="{q}">{text}</td>'
-
-
 def _routers(df: pd.DataFrame) -> dict[str, str]:
     """``{router kind: model label}`` of the MAPEX models (first label per kind)."""
     m = df[(df["router"] != "") & (df["role"] == "mapex")]
     return {str(r): str(g["model"].iloc[0]) for r, g in m.groupby("router", sort=False)}
-
-
-def _value(df: pd.DataFrame, **eq: object) -> float:
-    m = df
-    for k, v in eq.items():
-        m = m[m[k] == v]
-    return float(m["value"].mean()) if len(m) else float("nan")
 
 
 def traffic_table(df: pd.DataFrame) -> str:
@@ -74,7 +54,7 @@ def traffic_table(df: pd.DataFrame) -> str:
         for model in routers.values():
             q = dict(model=model, variant=f"prune[{m}]", modalities=m, protocol="cost",
                      metric="traffic_to_removed")  # fmt: skip
-            cells.append(_cell(_value(df, **q), q))
+            cells.append(td(mean(df, **q), q))
         rows.append(f"<tr><td class='l'>{m}</td>{''.join(cells)}</tr>")
     head = "".join(f"<th>{html.escape(r)}</th>" for r in routers)
     return "<table><tr><th class='l'>pruned to</th>" + head + "</tr>" + "".join(rows) + "</table>"
@@ -85,8 +65,7 @@ def _routing_rows(df: pd.DataFrame, model: str) -> pd.DataFrame:
     r = df[(df["protocol"] == "routing") & (df["model"] == model) & (df["variant"] == "base")]
     if r.empty:
         return r
-    widest = max((str(v) for v in r["modalities"]), key=lambda v: v.count("+"))
-    r = r[r["modalities"] == widest]
+    r = r[r["modalities"] == widest(r["modalities"])]
     return r[(r["task"] == r["task"].iloc[0]) & (r["seed"] == r["seed"].iloc[0])]
 
 
@@ -122,13 +101,13 @@ def specialisation_table(df: pd.DataFrame) -> str:
             base = dict(model=str(gl["model"].iloc[0]), variant="base",
                         modalities=str(gl["modalities"].iloc[0]), task=str(gl["task"].iloc[0]),
                         seed=int(gl["seed"].iloc[0]), protocol="routing", layer=layer)  # fmt: skip
-            mi = _value(gl, metric="mutual_information")
-            cells.append(_cell(mi, base | {"metric": "mutual_information"}, "bits"))
+            mi = mean(gl, metric="mutual_information")
+            cells.append(td(mi, base | {"metric": "mutual_information"}, "bits"))
             own = gl[gl["metric"] == "own_group_share"]["value"]
-            cells.append(_cell(float(own.min()) if len(own) else float("nan"),
+            cells.append(td(float(own.min()) if len(own) else float("nan"),
                                base | {"metric": "own_group_share", "agg": "min"}))  # fmt: skip
             if math.isnan(h_m):
-                h_m = _value(gl, metric="modality_entropy")
+                h_m = mean(gl, metric="modality_entropy")
         rows.append(f"<tr><td>{layer}</td><td>{h_m:.3g}</td>{''.join(cells)}</tr>")
     return ("<table><tr><th>layer</th><th>H(M) (bits)</th>" + head + "</tr>" + "".join(rows)
             + "</table>")  # fmt: skip
@@ -210,14 +189,14 @@ def coverage_table(df: pd.DataFrame, summary: pd.DataFrame, task: str) -> str:
             for p in plans:
                 variant = f"prune[{m}]" if p == "static" else f"prune[{m},{p}]"
                 acc = g[(g["variant"] == variant) & (g["modalities"] == m)]["value"]
-                n = _value(kept, model=model, variant=variant, modalities=m)
+                n = mean(kept, model=model, variant=variant, modalities=m)
                 text = "-" if acc.empty else f"{100 * float(acc.mean()):.1f}"
                 text += "" if math.isnan(n) else f" / {n:.0f}"
                 cells.append(f"<td>{text}</td>")
             rows.append(f"<tr><td class='l'>{m}</td>{''.join(cells)}</tr>")
-        share = _value(df[df["model"] == model], metric="experts_kept_share",
+        share = mean(df[df["model"] == model], metric="experts_kept_share",
                        variant=f"prune[{DEFAULT_MODALITIES[0]}]")  # fmt: skip
-        total = _value(kept, model=model, variant=f"prune[{DEFAULT_MODALITIES[0]}]") / share
+        total = mean(kept, model=model, variant=f"prune[{DEFAULT_MODALITIES[0]}]") / share
         of = "" if math.isnan(total) else f" of {total:.0f}"
         out.append(
             f"<h4>{html.escape(str(model))} ({html.escape(protocol)} accuracy % / routed experts "

@@ -24,15 +24,20 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from mapex_analysis.study.schema import ExecutionConfig, Study
+from mapex_analysis.study.schema import ExecutionConfig, Study, cluster_kind
 
-__all__ = ["cluster_kind", "dask_client", "gpu_per_worker", "job_script", "run_on_dask"]
+__all__ = [
+    "cluster_kind",
+    "dask_client",
+    "gpu_per_worker",
+    "job_script",
+    "run_on_dask",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,33 +45,6 @@ logger = logging.getLogger(__name__)
 CellFn = Callable[[Study, Any, str], bool]
 #: ``progress(done, total, cell, skipped)``.
 ProgressFn = Callable[[int, int, Any, bool], None]
-
-
-def cluster_kind(spec: str) -> tuple[str, int]:
-    """``(kind, workers)`` of a cluster string.
-
-    Args:
-        spec: ``serial``, ``local``, ``local:N``, ``slurm``, ``pbs`` or ``tcp://host:port``.
-
-    Returns:
-        ``("serial", 1)``, ``("local", N)`` (N = 2 for plain ``local``), ``("slurm", 0)``,
-        ``("pbs", 0)`` or ``("address", 0)``.
-
-    Raises:
-        ValueError: for anything else (naming the value and the valid forms).
-    """
-    if spec == "serial":
-        return "serial", 1
-    m = re.fullmatch(r"local(?::([1-9][0-9]*))?", spec)
-    if m:
-        return "local", int(m.group(1) or 2)
-    if spec in ("slurm", "pbs"):
-        return spec, 0
-    if re.fullmatch(r"tcp://[^\s:]+:[0-9]+", spec):
-        return "address", 0
-    raise ValueError(
-        f"cluster {spec!r} is not one of serial, local, local:N, slurm, pbs, tcp://host:port"
-    )
 
 
 def _jobqueue_kwargs(execution: ExecutionConfig, kind: str) -> dict[str, Any]:

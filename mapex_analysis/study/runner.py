@@ -749,12 +749,17 @@ def execute_cell(study: Study, cell: Cell, cell_id: str) -> bool:
     if ctx is None:
         _WORKER_CONTEXTS.clear()  # one study at a time per worker
         ctx = _WORKER_CONTEXTS[key] = _Context(study, study.study_dir)
+    _compute(ctx, cell, cell_id)
+    return True
+
+
+def _compute(ctx: _Context, cell: Cell, cell_id: str) -> None:
+    """Run one cell in ``ctx`` and write its file (serial loop and Dask workers alike)."""
     t_cell = time.perf_counter()
     rows = _run_cell(ctx, cell)
-    write_cell(study.study_dir, cell_id, rows)
+    write_cell(ctx.study_dir, cell_id, rows)
     logger.info("%s: %d rows in %.2f s (pid %d)", cell.describe(), len(rows),
                 time.perf_counter() - t_cell, os.getpid())  # fmt: skip
-    return True
 
 
 def run_study(
@@ -817,20 +822,14 @@ def run_study(
                 pending.append((cell, cid))
         ran = run_on_dask(study, pending, execute_cell, total=len(cells), done_before=skipped,
                           progress=progress, needs_gpu=_needs_gpu(study))  # fmt: skip
-        table = write_table(study_dir)
-        return RunSummary(study_dir, len(cells), ran, skipped, len(table),
-                          time.perf_counter() - t0)  # fmt: skip
-    for i, (cell, cid, done) in enumerate(iter_pending(study, cells)):
-        if done:
-            skipped += 1
-        else:
-            t_cell = time.perf_counter()
-            rows = _run_cell(ctx, cell)
-            write_cell(study_dir, cid, rows)
-            ran += 1
-            logger.info("%s: %d rows in %.2f s", cell.describe(), len(rows),
-                        time.perf_counter() - t_cell)  # fmt: skip
-        if progress is not None:
-            progress(i + 1, len(cells), cell, done)
+    else:
+        for i, (cell, cid, done) in enumerate(iter_pending(study, cells)):
+            if done:
+                skipped += 1
+            else:
+                _compute(ctx, cell, cid)
+                ran += 1
+            if progress is not None:
+                progress(i + 1, len(cells), cell, done)
     table = write_table(study_dir)
     return RunSummary(study_dir, len(cells), ran, skipped, len(table), time.perf_counter() - t0)

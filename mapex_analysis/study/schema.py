@@ -44,6 +44,7 @@ __all__ = [
     "SlimConfig",
     "Study",
     "StudyError",
+    "cluster_kind",
     "format_validation_error",
     "load_study",
     "parse_study",
@@ -435,7 +436,31 @@ class FinetuneConfig(_Strict):
     batch_size: int = Field(default=64, ge=1)
 
 
-_CLUSTER = re.compile(r"^(serial|local(:[1-9][0-9]*)?|slurm|pbs|tcp://[^\s:]+:[0-9]+)$")
+def cluster_kind(spec: str) -> tuple[str, int]:
+    """``(kind, workers)`` of a cluster string (``execution.cluster``, ``--cluster``).
+
+    Args:
+        spec: ``serial``, ``local``, ``local:N``, ``slurm``, ``pbs`` or ``tcp://host:port``.
+
+    Returns:
+        ``("serial", 1)``, ``("local", N)`` (N = 2 for plain ``local``), ``("slurm", 0)``,
+        ``("pbs", 0)`` or ``("address", 0)``.
+
+    Raises:
+        ValueError: for anything else (naming the value and the valid forms).
+    """
+    if spec == "serial":
+        return "serial", 1
+    m = re.fullmatch(r"local(?::([1-9][0-9]*))?", spec)
+    if m:
+        return "local", int(m.group(1) or 2)
+    if spec in ("slurm", "pbs"):
+        return spec, 0
+    if re.fullmatch(r"tcp://[^\s:]+:[0-9]+", spec):
+        return "address", 0
+    raise ValueError(
+        f"cluster {spec!r} is not one of serial, local, local:N, slurm, pbs, tcp://host:port"
+    )
 
 
 class JobResources(_Strict):
@@ -487,10 +512,7 @@ class ExecutionConfig(_Strict):
     @field_validator("cluster")
     @classmethod
     def _check_cluster(cls, v: str) -> str:
-        if not _CLUSTER.match(v):
-            raise ValueError(
-                f"cluster {v!r} is not one of serial, local, local:N, slurm, pbs, tcp://host:port"
-            )
+        cluster_kind(v)
         return v
 
 
