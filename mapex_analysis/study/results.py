@@ -157,6 +157,29 @@ def finished_cells(study_dir: str | Path) -> set[str]:
     return {p.stem for p in _cell_files(folder)}
 
 
+def remove_partial_files(study_dir: str | Path) -> list[Path]:
+    """Delete the temporary files that writers killed mid-write left in ``cells/``.
+
+    Call only when no writer is running (the end of a run): a partial file never counts as a
+    result, and the cell it belonged to has been recomputed by then.
+
+    Args:
+        study_dir: The study's output folder.
+
+    Returns:
+        The removed files.
+    """
+    folder = Path(study_dir) / "cells"
+    if not folder.is_dir():
+        return []
+    partial = sorted(folder.glob(".*.tmp"))
+    for p in partial:
+        p.unlink(missing_ok=True)
+    if partial:
+        logger.warning("removed %d partial cell files left by killed writers", len(partial))
+    return partial
+
+
 def write_cell(study_dir: str | Path, cell_id: str, rows: Iterable[Mapping[str, Any]]) -> Path:
     """Write one finished cell's rows atomically.
 

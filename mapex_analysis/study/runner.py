@@ -44,6 +44,7 @@ from mapex_analysis.study.results import (
     cell_file_problem,
     cell_path,
     finished_cells,
+    remove_partial_files,
     write_cell,
     write_table,
 )
@@ -831,5 +832,6 @@ def run_study(
                 ran += 1
             if progress is not None:
                 progress(i + 1, len(cells), cell, done)
+    remove_partial_files(study_dir)  # every writer has finished: a temp file is a killed write
     table = write_table(study_dir)
     return RunSummary(study_dir, len(cells), ran, skipped, len(table), time.perf_counter() - t0)
