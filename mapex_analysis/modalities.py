@@ -24,6 +24,8 @@ from typing import Literal
 
 import torch
 
+from mapex_analysis.options import DEFAULT_MODALITIES
+
 __all__ = [
     "BANDS",
     "DEFAULT_MODALITIES",
@@ -283,7 +285,6 @@ register_modality("sar", "sentinel1", ["VV", "VH"], "Sentinel-1 GRD backscatter 
 register_modality("ele", "dem", ["elevation"], "Digital elevation model (m)")
 
 #: The six default modalities in canonical order.
-DEFAULT_MODALITIES: tuple[str, ...] = ("rgb", "red_edge", "nir", "swir", "sar", "ele")
 
 
 def check_units(modality: str, x: torch.Tensor, *, where: str = "") -> None:

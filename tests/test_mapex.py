@@ -69,10 +69,12 @@ def test_dict_order_does_not_change_the_output() -> None:
 def test_forward_intermediates_and_explicit_positions() -> None:
     model = create_model("mapex_test", router="pos_embed").eval()
     x = _batch(model)
-    inter = model.forward_intermediates(x)
+    final, inter = model.forward_intermediates(x)
     assert len(inter) == 2 and inter[-1].shape == (2, 1 + 6 * 4, 32)
     assert torch.allclose(model.norm(inter[-1]), model.forward_features(x), atol=1e-6)
-    assert len(model.forward_intermediates(x, indices=[-1])) == 1
+    assert torch.equal(final, model.forward_features(x))
+    normed = model.forward_intermediates(x, indices=[-1], norm=True, intermediates_only=True)
+    assert len(normed) == 1 and torch.allclose(normed[0], final, atol=1e-6)
     tokens, index = model.tokenize(x)
     positions = torch.arange(4).repeat(6).expand(2, 24)
     assert torch.equal(

@@ -43,7 +43,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,6 +62,7 @@ from mapex_analysis.data.tasks import (
     get_task,
     validate_split,
 )
+from mapex_analysis.files import atomic_write
 from mapex_analysis.modalities import (
     DEFAULT_MODALITIES,
     bands_of,
@@ -472,16 +472,9 @@ def _load_or_generate(cfg: SceneConfig, cache_dir: Path | None) -> dict[str, np.
         except (OSError, ValueError) as err:  # a corrupt file is regenerated, not trusted
             logger.warning("ignoring unreadable SynthEO cache %s: %s", path, err)
     arrays = generate(cfg)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            payload: dict[str, Any] = dict(arrays)
-            np.savez(f, **payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        payload: dict[str, Any] = dict(arrays)
+        np.savez(f, **payload)
     logger.info("SynthEO cached %d %s/%s scenes at %s", cfg.n, cfg.task, cfg.split, path)
     return arrays
 

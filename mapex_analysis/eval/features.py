@@ -31,8 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mapex_analysis.files import atomic_write
 from mapex_analysis.modalities import validate_modalities
 
 __all__ = [
@@ -315,15 +314,8 @@ def _load_cache(path: Path, meta: dict[str, Any]) -> SplitFeatures | None:
 
 
 def _save_cache(path: Path, meta: dict[str, Any], feats: SplitFeatures) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, X=feats.X, y=feats.y, meta=np.array(json.dumps(meta, sort_keys=True)))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, X=feats.X, y=feats.y, meta=np.array(json.dumps(meta, sort_keys=True)))
 
 
 def _split_inputs(data: Any) -> dict[str, Any]:

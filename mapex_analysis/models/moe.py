@@ -92,11 +92,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, cast, get_args
+from typing import cast
 
 import torch
 from timm.layers import Mlp
 from torch import nn
+
+from mapex_analysis.modalities import ModalityError
+from mapex_analysis.options import ROUTERS, Router
 
 __all__ = [
     "ROUTER_KINDS",
@@ -112,8 +115,8 @@ __all__ = [
     "mutual_information_loss",
 ]
 
-RouterKind = Literal["deterministic", "pos_embed", "modality"]
-ROUTER_KINDS: tuple[str, ...] = get_args(RouterKind)
+RouterKind = Router
+ROUTER_KINDS: tuple[str, ...] = ROUTERS
 
 
 @dataclass
@@ -304,8 +307,6 @@ class Router(nn.Module):
         try:
             rows = [cast(torch.Tensor, params[m]) for m in modalities]
         except KeyError:
-            from mapex_analysis.modalities import ModalityError
-
             missing = [m for m in modalities if m not in params]
             raise ModalityError(
                 f"router has no prior for modalities {missing}; "

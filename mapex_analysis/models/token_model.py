@@ -9,17 +9,18 @@ CLS token, the blocks and the final norm, and implements the project's model con
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from mapex_analysis.models.contract import take_indices
 from mapex_analysis.models.moe import RoutingInfo, RoutingStats
 from mapex_analysis.models.tokenizer import ModalityTokenizer
+from mapex_analysis.options import Pool
 
 __all__ = ["TokenEncoder"]
 
-Pool = Literal["cls", "mean"]
 
 
 class TokenEncoder(nn.Module):
@@ -59,6 +60,7 @@ class TokenEncoder(nn.Module):
         self.patch_size = patch_size
         self.img_size = img_size
         self.pool: Pool = cast(Pool, pool)
+        self.num_prefix_tokens = 1  # the CLS token
 
     # -- contract attributes --------------------------------------------------------------
     @property
@@ -192,11 +194,11 @@ class TokenEncoder(nn.Module):
         """``encode(*tokenize(x))``: ``(B, 1 + N, D)`` (and :class:`RoutingInfo`)."""
         return self.encode(*self.tokenize(x), return_routing=return_routing)
 
-    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
-        """Pool ``(B, 1 + N, D)`` tokens to ``(B, D)`` per :attr:`pool`.
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool ``(B, 1 + N, D)`` tokens to ``(B, D)`` per :attr:`pool`, then ``head``.
 
-        The encoder has no classifier (``head`` is the identity), so ``pre_logits`` only
-        decides whether ``head`` is applied.
+        The encoder is headless (``head`` is the identity), so ``pre_logits`` (stop before
+        ``head``, timm's meaning) gives the same features.
         """
         pooled = tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(dim=1)
         return pooled if pre_logits else cast(torch.Tensor, self.head(pooled))
@@ -206,31 +208,30 @@ class TokenEncoder(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(
-        self, x: Mapping[str, torch.Tensor], indices: int | Sequence[int] | None = None
-    ) -> list[torch.Tensor]:
-        """Outputs ``(B, 1 + N, D)`` of selected blocks (before the final norm).
+        self,
+        x: Mapping[str, torch.Tensor],
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        intermediates_only: bool = False,
+    ) -> Any:
+        """Tokens ``(B, 1 + N, D)`` after selected blocks (timm's semantics).
 
         Args:
             x: Modality batch.
             indices: ``None`` (all blocks), an int ``n`` (the last ``n`` blocks) or block
-                indices (negative counts from the end).
+                indices (negative counts from the end); see :func:`take_indices`.
+            norm: Apply the final norm to the intermediates.
+            intermediates_only: Return only the intermediates.
 
         Returns:
-            One tensor per selected block, in block order.
+            ``(final tokens, [one tensor per selected block, in block order])``, or only the
+            list with ``intermediates_only``.
 
         Raises:
-            IndexError: for a block index outside ``[-depth, depth)``.
+            IndexError: for an index or count out of range.
         """
-        depth = len(self.blocks)
-        if indices is None:
-            keep = set(range(depth))
-        elif isinstance(indices, int):
-            keep = set(range(max(depth - indices, 0), depth))
-        else:
-            keep = set()
-            for i in indices:
-                if not -depth <= i < depth:
-                    raise IndexError(f"block index {i} out of range for depth {depth}")
-                keep.add(i % depth)
-        _, _, inter = self._run(*self.tokenize(x), None, keep, with_aux=False)
-        return inter
+        keep = set(take_indices(len(self.blocks), indices))
+        out, _, inter = self._run(*self.tokenize(x), None, keep, with_aux=False)
+        if norm:
+            inter = [self.norm(t) for t in inter]
+        return inter if intermediates_only else (out, inter)

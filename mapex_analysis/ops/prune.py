@@ -31,13 +31,14 @@ import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, cast, get_args
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
 
 from mapex_analysis.modalities import ModalityError
 from mapex_analysis.ops.plan import record_op
+from mapex_analysis.options import PRUNE_STRATEGIES, PruneStrategy
 
 __all__ = [
     "PRUNE_STRATEGIES",
@@ -51,9 +52,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PruneStrategy = Literal["static", "routing"]
-#: ``static`` (expert groups of the kept modalities) or ``routing`` (calibration coverage).
-PRUNE_STRATEGIES: tuple[str, ...] = get_args(PruneStrategy)
 
 
 def moe_layers(model: nn.Module) -> dict[str, Any]:

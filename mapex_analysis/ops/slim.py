@@ -27,7 +27,7 @@ import math
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, cast, get_args
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from timm.layers import Attention, Mlp
 from torch import Tensor, nn
 
 from mapex_analysis.ops.plan import record_op
+from mapex_analysis.options import SLIM_MODES, SLIM_ORDERS, SLIM_WIDTHS, SlimMode, SlimOrder
 
 __all__ = [
     "SLIM_MODES",
@@ -49,21 +50,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SlimMode = Literal["attn+mlp", "attn", "mlp"]
-SlimOrder = Literal["first", "last", "random", "magnitude"]
-
-#: Which sub-layers are slimmed: attention only, MLP only, or both.
-SLIM_MODES: tuple[str, ...] = get_args(SlimMode)
-#: Which dims are kept: the first ones (the paper), the last ones, a seeded random subset, or
-#: the ones with the largest weight norms (ours).
-SLIM_ORDERS: tuple[str, ...] = get_args(SlimOrder)
-
-_MANTISSAS = (1.0, 2.0, 2.5, 3.33, 4.0, 5.0, 6.0, 6.67, 7.5, 8.0)
-#: The paper's 31-width grid: {1, 2, 2.5, 3.33, 4, 5, 6, 6.67, 7.5, 8} x 10^-3, 10^-2, 10^-1,
-#: plus 1.0, ascending.
-SLIM_WIDTHS: tuple[float, ...] = tuple(
-    sorted({round(m * 10.0**e, 6) for m in _MANTISSAS for e in (-3, -2, -1)} | {1.0})
-)
 
 # floor(s * d) must not lose a unit to binary rounding (0.29 * 100 == 28.999999999999996).
 _FLOOR_EPS = 1e-9

@@ -12,7 +12,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +20,7 @@ import plotly.io as pio
 import plotly.offline
 import yaml
 
+from mapex_analysis.files import atomic_write_text
 from mapex_analysis.modalities import DEFAULT_MODALITIES
 from mapex_analysis.report.cells import mean as _mean
 from mapex_analysis.report.cells import td as _td
@@ -291,8 +291,6 @@ def render_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
         "</body></html>",
     ]
     path = Path(out) if out is not None else folder / "report.html"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(parts))
     logger.info("report with %d figures -> %s", len(figs), path)
     return path

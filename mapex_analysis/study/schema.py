@@ -31,7 +31,18 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from mapex_analysis.modalities import DEFAULT_MODALITIES
+from mapex_analysis.options import (
+    DEFAULT_MODALITIES,
+    SLIM_WIDTHS,
+    Operator,
+    Protocol,
+    PruneStrategy,
+    Role,
+    Router,
+    SlimMode,
+    SlimOrder,
+    SlimTarget,
+)
 
 __all__ = [
     "DataConfig",
@@ -50,13 +61,7 @@ __all__ = [
     "parse_study",
 ]
 
-Protocol = Literal["knn", "linear", "finetune"]
 Measurement = Literal["macs", "params", "latency", "redundancy", "specialization", "attribution"]
-Role = Literal["mapex", "dense", "supervised"]
-Router = Literal["deterministic", "pos_embed", "modality"]
-SlimMode = Literal["attn+mlp", "attn", "mlp"]
-SlimOrder = Literal["first", "last", "random", "magnitude"]
-SlimTarget = Literal["base", "pruned"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -179,7 +184,7 @@ class ModelConfig(_Strict):
     router: Router | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
     init_seed: int = 0
-    operators: list[Literal["prune", "slim"]] = Field(default=["prune", "slim"])
+    operators: list[Operator] = Field(default=["prune", "slim"])
     slim_widths: Literal["paper"] | list[float] | None = None
     slim_set_widths: list[float] | None = None
 
@@ -269,7 +274,7 @@ class PruneConfig(_Strict):
     """
 
     sets: list[Literal["each"] | list[str]] = Field(default=["each"])
-    strategy: Literal["static", "routing"] = "static"
+    strategy: PruneStrategy = "static"
     coverage: float = Field(default=0.99, gt=0.0, le=1.0)
     coverages: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(default_factory=list)
     calibration_samples: int = Field(default=256, ge=1)
@@ -383,8 +388,6 @@ class SlimConfig(_Strict):
         if not pruned and override is not None:
             widths = override
         if widths == "paper":
-            from mapex_analysis.ops.slim import SLIM_WIDTHS
-
             vals = list(SLIM_WIDTHS)
         else:
             vals = list(widths)

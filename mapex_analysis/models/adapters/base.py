@@ -51,6 +51,8 @@ from mapex_analysis.modalities import (
     get_band,
     get_modality,
 )
+from mapex_analysis.models.contract import take_indices
+from mapex_analysis.options import FILL_POLICIES, FillPolicy
 
 __all__ = [
     "FILL_POLICIES",
@@ -71,9 +73,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FillPolicy = Literal["zeros", "mean"]
-#: Fill policies a caller may ask for (``None``, the default, means: missing bands are errors).
-FILL_POLICIES: tuple[str, ...] = ("zeros", "mean")
 
 
 class WeightsError(RuntimeError):
@@ -417,8 +416,11 @@ class Adapter(nn.Module):
         """
         return self._upstream_tokens(x)[0]
 
-    def forward_head(self, tokens: Tensor, pre_logits: bool = True) -> Tensor:
-        """Pool tokens ``(B, T, D)`` into features ``(B, D)`` as the upstream model does."""
+    def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pool tokens ``(B, T, D)`` into features ``(B, D)`` as the upstream model does.
+
+        Adapters are headless, so ``pre_logits`` (timm's: stop before the head) changes nothing.
+        """
         raise TypeError(f"{type(self).__name__} does not define forward_head")
 
     def forward(self, x: Mapping[str, Tensor]) -> Tensor:
@@ -451,37 +453,42 @@ class Adapter(nn.Module):
         return len(self._intermediate_points())
 
     def forward_intermediates(
-        self, x: Mapping[str, Tensor], indices: int | Sequence[int] | None = None
-    ) -> list[Tensor]:
-        """Tokens ``(B, T, D)`` after the chosen blocks, read while the upstream forward runs.
+        self,
+        x: Mapping[str, Tensor],
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        intermediates_only: bool = False,
+    ) -> Any:
+        """Tokens ``(B, T, D)`` after the chosen blocks, read while the upstream forward runs
+        (timm's semantics, see :func:`~mapex_analysis.models.contract.take_indices`).
 
         Args:
             x: ``{modality: (B, C, H, W)}`` in physical units.
-            indices: Block indices (negative counts from the end), an int ``n`` for the last
-                ``n`` blocks, or ``None`` for all blocks.
+            indices: ``None`` (all blocks), an int ``n`` (the last ``n``) or block indices
+                (negative counts from the end).
+            norm: Apply the upstream final norm (``model.norm``) to the intermediates.
+            intermediates_only: Return only the intermediates.
 
         Returns:
-            One tensor per index, in the order of ``indices``.
+            ``(final tokens, [one tensor per selected block, in block order])``, or only the
+            list with ``intermediates_only``.
 
         Raises:
-            IndexError: for an index outside ``[-depth, depth)``.
+            IndexError: for an index or count out of range.
+            ValueError: for ``norm=True`` on an upstream model without a final ``norm``.
         """
         points = self._intermediate_points()
-        depth = len(points)
-        if indices is None:
-            idx = list(range(depth))
-        elif isinstance(indices, int):
-            idx = list(range(depth - indices, depth))
-        else:
-            idx = list(indices)
-        for i in idx:
-            if not -depth <= i < depth:
-                raise IndexError(f"block index {i} out of range for depth {depth}")
-        idx = [i % depth for i in idx]
+        idx = take_indices(len(points), indices)
+        final_norm = getattr(self.model, "norm", None) if norm else None
+        if norm and not isinstance(final_norm, nn.Module):
+            raise ValueError(f"{type(self).__name__}: the upstream model has no final norm")
         store: dict[int, Tensor] = {}
         with capture_points(points, set(idx), store):
-            self._upstream_tokens(x)
-        return [store[i] for i in idx]
+            tokens, _ = self._upstream_tokens(x)
+        inter = [store[i] for i in idx]
+        if final_norm is not None:
+            inter = [final_norm(t) for t in inter]
+        return inter if intermediates_only else (tokens, inter)
 
     # ------------------------------------------------------------------ weights
 

@@ -137,7 +137,7 @@ class CopernicusFMAdapter(Adapter):
             ),
         )
 
-    def forward_head(self, tokens: Tensor, pre_logits: bool = True) -> Tensor:
+    def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
         """Copernicus-FM's global pool: mean of the patch tokens, then ``fc_norm``.
 
         Args:

@@ -185,7 +185,7 @@ class CROMAAdapter(Adapter):
         prefix = {"sar": "sar", "optical": "optical", "joint": "joint"}[self.variant]
         return out[f"{prefix}_encodings"], out[f"{prefix}_GAP"]
 
-    def forward_head(self, tokens: Tensor, pre_logits: bool = True) -> Tensor:
+    def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
         """CROMA's pooling: GAP-FFN of the mean token (sar/optical) or the mean (joint).
 
         Args:

@@ -100,7 +100,7 @@ class DOFAAdapter(Adapter):
         # (B, D) pooled; head is Identity
         return self._run_reading(self.blocks[-1], lambda: self.model(inp, wavelengths=wl_um))
 
-    def forward_head(self, tokens: Tensor, pre_logits: bool = True) -> Tensor:
+    def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
         """DOFA's global pool: mean of the patch tokens, then ``fc_norm``.
 
         Args:

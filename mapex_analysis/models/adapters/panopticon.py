@@ -123,7 +123,7 @@ class PanopticonAdapter(Adapter):
         # the final normed tokens and the pooled (B, 768)
         return self._run_reading(vit.norm, lambda: self.model({"imgs": inp, "chn_ids": chn_ids}))
 
-    def forward_head(self, tokens: Tensor, pre_logits: bool = True) -> Tensor:
+    def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
         """The timm head's pooling (CLS token) of the final tokens.
 
         Args:

@@ -90,7 +90,7 @@ class SatMAEAdapter(Adapter):
         tokens = self.model.forward_features(x)  # (B, 1 + N, D), normed
         return tokens, self.model.forward_head(tokens)
 
-    def forward_head(self, tokens: Tensor, pre_logits: bool = True) -> Tensor:
+    def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
         """The wrapped model's CLS pooling.
 
         Args:
@@ -100,15 +100,18 @@ class SatMAEAdapter(Adapter):
         Returns:
             ``(B, D)``.
         """
-        return self.model.forward_head(tokens, pre_logits=True)
+        return self.model.forward_head(tokens, pre_logits=pre_logits)
 
     def forward_intermediates(
-        self, x: Mapping[str, Tensor], indices: int | Sequence[int] | None = None
-    ) -> list[Tensor]:
-        """Block outputs ``(B, 1 + N, D)`` of the wrapped model (before the final norm)."""
+        self,
+        x: Mapping[str, Tensor],
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        intermediates_only: bool = False,
+    ) -> Any:
+        """The wrapped model's :meth:`forward_intermediates` (same semantics)."""
         self.input_bands(x)
-        out: list[Tensor] = self.model.forward_intermediates(x, indices)
-        return out
+        return self.model.forward_intermediates(x, indices, norm, intermediates_only)
 
 
 @register_model(family="satmae", accepts_weights=True, description="SatMAE-style test size")

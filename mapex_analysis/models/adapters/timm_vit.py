@@ -73,7 +73,7 @@ class TimmViTAdapter(Adapter):
         tokens = self.model.forward_features(inp)  # (B, prefix + N, D), normed
         return tokens, self.model.forward_head(tokens, pre_logits=True)
 
-    def forward_head(self, tokens: Tensor, pre_logits: bool = True) -> Tensor:
+    def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
         """timm's own pooling (``global_pool``) of the final tokens.
 
         Args:

@@ -1,0 +1,81 @@
+"""File helpers used everywhere a result is written or fingerprinted.
+
+* :func:`atomic_write`: a file appears whole or not at all (temporary file in the same folder,
+  ``fsync``, ``os.replace``), so a run killed at any point (SIGKILL) never leaves a truncated
+  result, cache entry or report behind under the final name;
+* :func:`sha256_file`: the SHA-256 of a file, read in chunks (cached per path, size and
+  modification time, so a study that fingerprints the same checkpoint for every cell reads it
+  once).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["atomic_write", "atomic_write_text", "sha256_file"]
+
+
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Write ``path`` through a temporary file that replaces it only when the block succeeds.
+
+    Usage::
+
+        with atomic_write(out) as tmp:
+            df.to_parquet(tmp)
+
+    Args:
+        path: The final file (its folder is created).
+
+    Yields:
+        The temporary path (``.<name>.<random>.tmp`` next to ``path``); write it by name.
+
+    Raises:
+        Whatever the block raises; the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """:func:`atomic_write` of a UTF-8 text; returns ``path``."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+    """
+    p = Path(path).resolve()
+    st = p.stat()
+    return _sha256(str(p), st.st_size, st.st_mtime_ns)

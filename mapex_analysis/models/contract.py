@@ -1,0 +1,110 @@
+"""The model contract: what every project model (MAPEX, the dense ViT, every adapter) provides.
+
+The names follow timm's, with timm's meanings:
+
+* ``forward_features(x)``: tokens ``(B, T, D)`` after the final norm, ``num_prefix_tokens``
+  prefix (CLS) tokens first;
+* ``forward_head(tokens, pre_logits=False)``: the tokens pooled as the model declares
+  (``pool``: ``"cls"`` or ``"mean"`` over the patch tokens); ``pre_logits=True`` stops before
+  ``head``. Project models are headless (``head`` is the identity, timm's ``num_classes=0``),
+  so both give the pooled features ``(B, D)``;
+* ``forward(x)``: ``forward_head(forward_features(x))``, i.e. pooled features ``(B, D)``;
+* ``forward_intermediates(x, indices=None, norm=False, intermediates_only=False)``: the
+  tokens ``(B, T, D)`` after the blocks chosen by ``indices`` (timm's
+  ``feature_take_indices``: ``None`` all, an int ``n`` the last ``n``, a list of indices,
+  negative from the end), in block order; ``norm=True`` applies the final norm to them. It
+  returns ``(final tokens, intermediates)``, or only the intermediates with
+  ``intermediates_only=True``.
+
+Unlike timm, ``x`` is a modality dict ``{name: (B, C, H, W)}`` in physical units (see
+:mod:`mapex_analysis.modalities`) and the model declares which modalities it accepts. Plain timm
+models (``timm/<name>`` sources) do not follow this contract; the operators and counters that
+accept them say so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from timm.models._features import feature_take_indices
+from torch import Tensor, nn
+
+from mapex_analysis.models.moe import MoEMLP
+
+__all__ = ["FoundationModel", "is_moe", "num_params", "take_indices"]
+
+Indices = int | Sequence[int] | None
+
+
+@runtime_checkable
+class FoundationModel(Protocol):
+    """A project model (see the module docstring for the meaning of each member).
+
+    Attributes:
+        modalities: The modalities the model accepts, in model order.
+        num_features: Width ``D`` of the pooled features.
+        pool: ``"cls"`` or ``"mean"``.
+        num_prefix_tokens: Prefix (CLS) tokens at the start of the token sequence.
+        img_size: Square input size in pixels.
+        patch_size: Patch size in pixels.
+        blocks: The transformer blocks (what slimming and pruning act on).
+    """
+
+    modalities: tuple[str, ...]
+    num_features: int
+    pool: str
+    num_prefix_tokens: int
+    img_size: int
+    patch_size: int
+
+    @property
+    def blocks(self) -> nn.ModuleList | nn.Sequential: ...
+
+    def forward_features(self, x: Mapping[str, Tensor]) -> Tensor: ...
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor: ...
+
+    def forward_intermediates(
+        self,
+        x: Mapping[str, Tensor],
+        indices: Indices = None,
+        norm: bool = False,
+        intermediates_only: bool = False,
+    ) -> Any: ...
+
+    def forward(self, x: Mapping[str, Tensor]) -> Tensor: ...
+
+
+def take_indices(depth: int, indices: Indices) -> list[int]:
+    """Absolute block indices for ``forward_intermediates``, in block order (timm's rules).
+
+    Args:
+        depth: Number of blocks.
+        indices: ``None`` (all), an int ``n`` (the last ``n``; ``1 <= n <= depth``) or indices
+            (negative count from the end).
+
+    Returns:
+        Sorted, unique indices in ``[0, depth)``.
+
+    Raises:
+        IndexError: for an index, or a count, out of range (the range is named).
+    """
+    if isinstance(indices, Sequence) and not isinstance(indices, str):
+        indices = list(indices)
+    try:
+        take, _ = feature_take_indices(depth, indices)
+    except AssertionError as err:  # timm asserts; an index error is what callers expect
+        raise IndexError(f"{err} (model depth {depth})") from None
+    return sorted(set(take))
+
+
+def is_moe(model: nn.Module) -> bool:
+    """Whether any block of ``model`` has a mixture-of-experts MLP (``block.mlp.experts``)."""
+    blocks = getattr(model, "blocks", None) or ()  # plain modules have no blocks
+    return any(isinstance(getattr(b, "mlp", None), MoEMLP) for b in blocks)
+
+
+def num_params(module: nn.Module) -> int:
+    """Number of parameters of ``module`` (every tensor, trainable or not)."""
+    return sum(p.numel() for p in module.parameters())
