@@ -57,7 +57,7 @@ def list_tasks_cmd() -> None:
 @list_.command("models")
 def list_models() -> None:
     """Registered models with their modalities, parameters and weight source."""
-    from mapex_analysis.models.registry import model_table
+    from mapex_analysis.factory import model_table
 
     # at least 160 columns, so names and weight sources are not cut off in pipes and CI logs
     wide = Console(width=max(console.width, 160))

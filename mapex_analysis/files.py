@@ -3,9 +3,8 @@
 * :func:`atomic_write`: a file appears whole or not at all (temporary file in the same folder,
   ``fsync``, ``os.replace``), so a run killed at any point (SIGKILL) never leaves a truncated
   result, cache entry or report behind under the final name;
-* :func:`sha256_file`: the SHA-256 of a file, read in chunks (cached per path, size and
-  modification time, so a study that fingerprints the same checkpoint for every cell reads it
-  once).
+* :func:`sha256_file`: the SHA-256 of a file, read in chunks; ``cached=True`` remembers it per
+  path, size and modification time (a study fingerprints the same checkpoint for every cell).
 """
 
 from __future__ import annotations
@@ -70,12 +69,19 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-def sha256_file(path: str | Path) -> str:
+def sha256_file(path: str | Path, *, cached: bool = False) -> str:
     """Hex SHA-256 of a file's bytes.
+
+    Args:
+        path: The file.
+        cached: Reuse the digest of a file with the same path, size and modification time
+            (for fingerprints; integrity checks read the bytes every time).
 
     Raises:
         FileNotFoundError: if the file does not exist.
     """
     p = Path(path).resolve()
     st = p.stat()
-    return _sha256(str(p), st.st_size, st.st_mtime_ns)
+    if cached:
+        return _sha256(str(p), st.st_size, st.st_mtime_ns)
+    return _sha256.__wrapped__(str(p), st.st_size, st.st_mtime_ns)

@@ -24,7 +24,7 @@ from mapex_analysis.modalities import (
 )
 from mapex_analysis.models.adapters import WeightsError
 from mapex_analysis.models.adapters.croma import alibi_bias
-from mapex_analysis.models.registry import create_model, model_table
+from mapex_analysis.factory import create_model, model_table
 
 B = 2
 OPT = ["rgb", "red_edge", "nir", "swir"]
@@ -585,7 +585,7 @@ def test_cli_list_models_shows_adapters() -> None:
 
 
 def test_slimmed_adapter_saves_and_reloads(tmp_path) -> None:
-    from mapex_analysis.models.checkpoint import load_model, save_model
+    from mapex_analysis.checkpoint import load_model, save_model
     from mapex_analysis.ops.slim import slim_width
 
     torch.manual_seed(0)

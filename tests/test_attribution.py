@@ -118,7 +118,7 @@ def test_bad_inputs_are_named() -> None:
 @pytest.mark.parametrize("router", ["deterministic", "modality"])
 def test_integrated_gradients_on_mapex_test(router: str) -> None:
     from mapex_analysis.data import SynthEO
-    from mapex_analysis.models.registry import create_model
+    from mapex_analysis.factory import create_model
 
     torch.manual_seed(0)
     model = create_model("mapex_test", router=router).eval()

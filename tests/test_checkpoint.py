@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mapex_analysis.modalities import get_modality
-from mapex_analysis.models.checkpoint import CheckpointError, load_model, save_model
-from mapex_analysis.models.registry import create_model
+from mapex_analysis.checkpoint import CheckpointError, load_model, save_model
+from mapex_analysis.factory import create_model
 
 
 def _batch(model: torch.nn.Module, B: int = 2) -> dict[str, torch.Tensor]:

@@ -517,7 +517,7 @@ MAPEX_TEST_SAR_B2 = 206_656
 @pytest.mark.parametrize("router", ["modality", "deterministic"])
 def test_mapex_pruned_to_one_modality_counts_the_same_on_it(router: str) -> None:
     from mapex_analysis.measure.cost import example_inputs
-    from mapex_analysis.models.registry import create_model
+    from mapex_analysis.factory import create_model
     from mapex_analysis.ops import prune_experts
 
     torch.manual_seed(0)
@@ -540,7 +540,7 @@ def test_mapex_pruned_to_one_modality_counts_the_same_on_it(router: str) -> None
 
 def test_mapex_per_modality_breakdown_and_active_params() -> None:
     from mapex_analysis.measure.cost import example_inputs
-    from mapex_analysis.models.registry import create_model
+    from mapex_analysis.factory import create_model
 
     torch.manual_seed(0)
     model = create_model("mapex_test").eval()

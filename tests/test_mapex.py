@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mapex_analysis.modalities import BANDS, BandError, ModalityError, get_modality
-from mapex_analysis.models.registry import create_model
+from mapex_analysis.factory import create_model
 
 
 def _batch(model: torch.nn.Module, B: int = 2, mods: tuple[str, ...] | None = None):

@@ -18,9 +18,10 @@ from pydantic import ValidationError
 
 from mapex_analysis.cli import main
 from mapex_analysis.data import SynthEO
-from mapex_analysis.models.checkpoint import load_model
+from mapex_analysis.checkpoint import load_model
 from mapex_analysis.models.mae import MaskedAutoencoder, patchify
-from mapex_analysis.models.registry import UnknownModelError, create_model
+from mapex_analysis.factory import create_model
+from mapex_analysis.models.registry import UnknownModelError
 from mapex_analysis.train.evaluation import (
     KnnMonitor,
     LandcoverKnnProbe,

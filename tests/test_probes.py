@@ -361,7 +361,7 @@ def test_finetune_reports_the_metric_of_its_own_predictions(task: str, metric: s
 
 def test_extract_features_on_mapex_test() -> None:
     from mapex_analysis.data import SynthEO
-    from mapex_analysis.models.registry import create_model
+    from mapex_analysis.factory import create_model
 
     model = create_model("mapex_test")
     ds = SynthEO("landcover", "test", n=5, img_size=16, cache=False)
@@ -433,7 +433,7 @@ def test_extract_features_uses_num_prefix_tokens(prefix: int) -> None:
 
 
 def test_extract_features_on_register_token_vit_and_croma() -> None:
-    from mapex_analysis.models.registry import create_model
+    from mapex_analysis.factory import create_model
 
     torch.manual_seed(0)
     vit = create_model("timm_vit_test", reg_tokens=2).eval()  # CLS + 2 registers

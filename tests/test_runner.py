@@ -32,13 +32,17 @@ def smoke_copy(tmp_path: Path) -> Path:
 
 def test_variant_keys() -> None:
     assert Variant().key == "base"
-    assert Variant(prune=("sar",)).key == "prune[sar]"
-    assert Variant(width=0.25).key == "slim[0.25,attn+mlp,first]"
-    v = Variant(prune=("rgb", "sar"), width=0.5, mode="mlp", order="last")
+    assert Variant.of(prune=("sar",)).key == "prune[sar]"
+    assert Variant.of(width=0.25).key == "slim[0.25,attn+mlp,first]"
+    v = Variant.of(prune=("rgb", "sar"), width=0.5, mode="mlp", order="last")
     assert v.key == "prune[rgb+sar]+slim[0.5,mlp,last]"
     assert v.operator == "prune+slim"
-    r = Variant(prune=("sar",), strategy="routing", coverage=0.95)
+    r = Variant.of(prune=("sar",), strategy="routing", coverage=0.95)
     assert r.key == "prune[sar,routing@0.95]" and r.operator == "prune"
+    # a variant is its chain of operator plans, in order
+    assert [type(s).__name__ for s in v.steps] == ["PrunePlan", "SlimPlan"]
+    assert v.width == 0.5 and v.prune is not None and v.prune.modalities == ("rgb", "sar")
+    assert Variant().steps == () and Variant().width is None
 
 
 def test_coverage_sweep_adds_routing_variants_and_distinct_cells() -> None:
@@ -65,7 +69,8 @@ def test_feature_cache_key_is_the_applied_plan() -> None:
 
     from mapex_analysis import create_model, prune_experts
     from mapex_analysis.measure.cost import example_inputs
-    from mapex_analysis.study.runner import Cell, feature_cache_key
+    from mapex_analysis.study.cells import feature_cache_key
+    from mapex_analysis.study.grid import Cell
 
     study = parse_study({"name": "k", "models": {"m": {"source": "mapex_test"}},
                          "tasks": ["landcover"]})  # fmt: skip
@@ -75,7 +80,7 @@ def test_feature_cache_key_is_the_applied_plan() -> None:
     calib = [example_inputs(base, batch_size=16, modalities=["sar"], seed=1)]
     static = prune_experts(base, ["sar"], calibration=calib)
     routing = prune_experts(base, ["sar"], strategy="routing", calibration=calib, coverage=0.5)
-    cell = Cell("eval", "m", Variant(prune=("sar",)), ("sar",), "landcover", 0)
+    cell = Cell("eval", "m", Variant.of(prune=("sar",)), ("sar",), "landcover", 0)
     # same variant name, different plans (kept experts differ): different keys
     assert static.op_report["kept_experts"] != routing.op_report["kept_experts"]
     assert feature_cache_key(cfg, cell, static) != feature_cache_key(cfg, cell, routing)

@@ -143,7 +143,7 @@ def test_collect_routing_sums_batches_of_a_hand_wired_router() -> None:
 
 def test_mapex_deterministic_router_is_fully_specialised() -> None:
     from mapex_analysis.data import SynthEO
-    from mapex_analysis.models.registry import create_model
+    from mapex_analysis.factory import create_model
 
     model = create_model("mapex_test", router="deterministic")
     data = SynthEO("landcover", "train", n=6, img_size=16, cache=False).arrays()

@@ -1,29 +1,10 @@
 """Data: the SynthEO generator, task definitions and real-data sources.
 
-``from mapex_analysis.data import SynthEO, get_task, TASKS``. Real datasets (through torchgeo)
-live in :mod:`mapex_analysis.data.sources`, imported on demand because torchgeo is heavy.
+``from mapex_analysis.data import SynthEO, get_task, TASKS`` (names in ``__init__.pyi``, loaded
+on first use: the task table needs no torch). Real datasets (through torchgeo) live in
+:mod:`mapex_analysis.data.sources`.
 """
 
-from mapex_analysis.data.syntheo import SynthEO, default_cache_dir, generate
-from mapex_analysis.data.tasks import (
-    LANDCOVER_CLASSES,
-    SPLITS,
-    TASKS,
-    TaskError,
-    TaskSpec,
-    get_task,
-    list_tasks,
-)
+import lazy_loader as _lazy
 
-__all__ = [
-    "LANDCOVER_CLASSES",
-    "SPLITS",
-    "TASKS",
-    "SynthEO",
-    "TaskError",
-    "TaskSpec",
-    "default_cache_dir",
-    "generate",
-    "get_task",
-    "list_tasks",
-]
+__getattr__, __dir__, __all__ = _lazy.attach_stub(__name__, __file__)

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mapex_analysis.data.tasks import TaskError, TaskSpec
-from mapex_analysis.modalities import BandError, bands_of, validate_modalities
+from mapex_analysis.modalities import DEFAULT_MODALITIES, BandError, bands_of, validate_modalities
 
 __all__ = [
     "SOURCES",
@@ -157,8 +157,6 @@ class ModalitySource(Dataset, abc.ABC):
     @classmethod
     def default_modalities(cls) -> tuple[str, ...]:
         """Every registered modality whose bands the dataset has."""
-        from mapex_analysis.modalities import DEFAULT_MODALITIES
-
         return tuple(
             m for m in DEFAULT_MODALITIES if all(b in cls.available_bands for b in bands_of(m))
         )

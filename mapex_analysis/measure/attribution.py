@@ -36,7 +36,7 @@ import torch
 from captum.attr import FeatureAblation, IntegratedGradients
 from torch import Tensor, nn
 
-from mapex_analysis.modalities import bands_of, get_band
+from mapex_analysis.modalities import BandError, bands_of, get_band
 
 __all__ = [
     "BandAttribution",
@@ -66,8 +66,6 @@ def default_baselines(inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         BandError: if a tensor's channel count differs from the modality's band count.
         ModalityError: for an unknown modality.
     """
-    from mapex_analysis.modalities import BandError
-
     out = {}
     for m, x in inputs.items():
         bands = bands_of(m)

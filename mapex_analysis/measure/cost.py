@@ -1,7 +1,7 @@
 """The cost of a model variant in one call: MACs and parameters on example inputs.
 
 :func:`measure_cost` is what ``mapex-study macs MODEL [--width S] [--modalities ...]`` runs: it
-builds the model (registry name, checkpoint directory or ``timm/<name>``), optionally slims it
+builds the model (any source :func:`mapex_analysis.create_model` takes), optionally slims it
 to width ``s``, builds example inputs in physical units for the selected modalities, and
 returns the :class:`~mapex_analysis.measure.macs.MacsReport` (with the per-modality breakdown
 and the two-counter cross-check) and the :class:`~mapex_analysis.measure.params.ParamsReport`.
@@ -17,17 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mapex_analysis.factory import create_model
 from mapex_analysis.measure.macs import MacsReport, count_macs
 from mapex_analysis.measure.params import ParamsReport, count_params
 from mapex_analysis.modalities import ModalityError, get_modality
+from mapex_analysis.ops.slim import slim_width
 
 __all__ = ["CostReport", "example_inputs", "measure_cost"]
 
 logger = logging.getLogger(__name__)
-
-#: Prefix selecting a plain timm model (random init) instead of a registry name.
-TIMM_PREFIX = "timm/"
-
 
 @dataclass(frozen=True)
 class CostReport:
@@ -119,16 +117,6 @@ def example_inputs(
     return out
 
 
-def _build(model: str, kwargs: Mapping[str, Any]) -> nn.Module:
-    if model.startswith(TIMM_PREFIX):
-        import timm
-
-        return timm.create_model(model[len(TIMM_PREFIX) :], pretrained=False, **kwargs)
-    from mapex_analysis.models.registry import create_model
-
-    return create_model(model, **kwargs)
-
-
 def measure_cost(
     model: str | nn.Module,
     *,
@@ -162,10 +150,8 @@ def measure_cost(
     name = model if isinstance(model, str) else type(model).__name__
     if model_kwargs and not isinstance(model, str):
         raise ValueError("model_kwargs apply only when the model is given by name")
-    module = _build(model, model_kwargs or {}) if isinstance(model, str) else model
+    module = create_model(model, **(model_kwargs or {})) if isinstance(model, str) else model
     if width is not None:
-        from mapex_analysis.ops import slim_width
-
         module = slim_width(module, width)
     inputs = example_inputs(module, batch_size=batch_size, modalities=modalities, seed=seed)
     fed = tuple(inputs) if isinstance(inputs, dict) else ()

@@ -28,6 +28,8 @@ from typing import Any
 from torch import nn
 
 from mapex_analysis.modalities import ModalityError
+from mapex_analysis.models.contract import moe_layers, num_params
+from mapex_analysis.models.moe import MoEMLP
 
 __all__ = ["ParamsReport", "count_params", "parameter_owners", "routed_active_params"]
 
@@ -72,12 +74,6 @@ class ParamsReport:
         return out
 
 
-def _is_moe(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "experts", None), nn.ModuleList) and isinstance(
-        getattr(module, "expert_groups", None), list | tuple
-    )
-
-
 def parameter_owners(model: nn.Module) -> dict[int, tuple[int, str | None]]:
     """Which modality owns each parameter.
 
@@ -103,7 +99,7 @@ def parameter_owners(model: nn.Module) -> dict[int, tuple[int, str | None]]:
             owners[id(p)] = (p.numel(), owner)
 
     for name, module in model.named_modules():
-        if _is_moe(module):
+        if isinstance(module, MoEMLP):
             experts, groups = module.experts, list(module.expert_groups)
             if len(groups) != len(experts):
                 raise ValueError(
@@ -186,9 +182,8 @@ def routed_active_params(model: nn.Module, routing: Iterable[Any], modality: str
         ValueError: if the routing does not match the model's MoE layers.
     """
     owners = parameter_owners(model)
-    blocks = list(getattr(model, "blocks", []))
     experts_of: dict[int, nn.ModuleList] = {
-        i: b.mlp.experts for i, b in enumerate(blocks) if _is_moe(getattr(b, "mlp", nn.Module()))
+        int(name.split(".")[1]): moe.experts for name, moe in moe_layers(model).items()
     }
     routed_ids = {id(p) for ex in experts_of.values() for p in ex.parameters()}
     total = sum(
@@ -211,5 +206,5 @@ def routed_active_params(model: nn.Module, routing: Iterable[Any], modality: str
         row = r.counts[mods.index(modality)]
         for e, expert in enumerate(experts_of[i]):
             if int(row[e]) > 0:
-                total += sum(p.numel() for p in expert.parameters())
+                total += num_params(expert)
     return total

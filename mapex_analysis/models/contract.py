@@ -25,14 +25,14 @@ accept them say so.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from mapex_analysis.models.moe import MoEMLP
 
-__all__ = ["FoundationModel", "is_moe", "num_params", "take_indices"]
+__all__ = ["FoundationModel", "is_moe", "modalities_of", "moe_layers", "num_params", "take_indices"]
 
 Indices = int | Sequence[int] | None
 
@@ -76,6 +76,21 @@ class FoundationModel(Protocol):
     def forward(self, x: Mapping[str, Tensor]) -> Tensor: ...
 
 
+def modalities_of(model: nn.Module) -> tuple[str, ...]:
+    """The modalities a project model accepts (its :attr:`FoundationModel.modalities`).
+
+    Raises:
+        TypeError: for a module that declares none (a plain timm model, say).
+    """
+    mods = getattr(model, "modalities", None)
+    if not mods:
+        raise TypeError(
+            f"{type(model).__name__} declares no modalities; it does not follow the model "
+            "contract (build it with mapex_analysis.create_model)"
+        )
+    return tuple(mods)
+
+
 def take_indices(depth: int, indices: Indices) -> list[int]:
     """Absolute block indices for ``forward_intermediates``, in block order (timm's rules).
 
@@ -99,10 +114,28 @@ def take_indices(depth: int, indices: Indices) -> list[int]:
     return sorted(set(take))
 
 
+def moe_layers(model: nn.Module) -> dict[str, MoEMLP]:
+    """The mixture-of-experts MLPs of a model's blocks.
+
+    Args:
+        model: Any module; MAPEX models have :class:`~mapex_analysis.models.moe.MoEMLP` blocks.
+
+    Returns:
+        ``{"blocks.<i>.mlp": MoEMLP}`` in block order (empty for a model without experts).
+    """
+    blocks = getattr(model, "blocks", None)  # plain modules and some adapters have none
+    if not isinstance(blocks, nn.ModuleList | nn.Sequential):
+        return {}
+    return {
+        f"blocks.{i}.mlp": cast(MoEMLP, blk.mlp)
+        for i, blk in enumerate(blocks)
+        if isinstance(getattr(blk, "mlp", None), MoEMLP)
+    }
+
+
 def is_moe(model: nn.Module) -> bool:
-    """Whether any block of ``model`` has a mixture-of-experts MLP (``block.mlp.experts``)."""
-    blocks = getattr(model, "blocks", None) or ()  # plain modules have no blocks
-    return any(isinstance(getattr(b, "mlp", None), MoEMLP) for b in blocks)
+    """Whether any block of ``model`` has a mixture-of-experts MLP."""
+    return bool(moe_layers(model))
 
 
 def num_params(module: nn.Module) -> int:

@@ -99,7 +99,8 @@ from timm.layers import Mlp
 from torch import nn
 
 from mapex_analysis.modalities import ModalityError
-from mapex_analysis.options import ROUTERS, Router
+from mapex_analysis.options import ROUTERS
+from mapex_analysis.options import Router as _RouterOption
 
 __all__ = [
     "ROUTER_KINDS",
@@ -115,7 +116,7 @@ __all__ = [
     "mutual_information_loss",
 ]
 
-RouterKind = Router
+RouterKind = _RouterOption
 ROUTER_KINDS: tuple[str, ...] = ROUTERS
 
 

@@ -1,19 +1,19 @@
-"""Model registry: ``register_model`` / ``create_model`` / ``list_models``.
+"""Model registry and the one rule that says what a model source is.
 
-Every model a study YAML can name goes through this registry (timm's pattern: a decorator on a
-tiny entry-point function). Entry points take keyword overrides and return an ``nn.Module`` that
-follows the project's model contract:
+Every built-in model goes through this registry (timm's pattern: a decorator on a tiny
+entry-point function). Entry points take keyword overrides and return an ``nn.Module`` that
+follows the model contract (:mod:`mapex_analysis.models.contract`).
 
-* ``modalities``: tuple of modality names the model accepts;
-* ``forward_features(x)``: ``x`` is a modality dict ``{name: (B, C, H, W)}`` in physical units
-  (see :mod:`mapex_analysis.modalities`), returns tokens ``(B, N, D)``;
-* ``forward_head(tokens, pre_logits=True)``: pooled features ``(B, D)`` (pooling declared in
-  ``model.pool``, ``"cls"`` or ``"mean"``);
-* ``forward(x)``: ``forward_head(forward_features(x))``;
-* ``num_features``: ``D``.
+:func:`resolve_source` decides what a source string names, for the study schema, the CLI and
+the factory alike:
 
-:func:`create_model` records how a model was built in ``model.model_spec`` so
-:func:`mapex_analysis.models.checkpoint.save_model` can rebuild it.
+* ``timm/<architecture>``: a timm architecture behind the adapter contract (random init);
+* a path (it contains ``/``, starts with ``.`` or exists): a checkpoint directory (``spec.json``,
+  ``weights.safetensors``, ``README.md``);
+* anything else: a registry name.
+
+This module imports no torch: the study schema validates model names with it. The built-in
+entry points are registered on first use by importing their modules.
 """
 
 from __future__ import annotations
@@ -23,20 +23,25 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = [
+    "TIMM_PREFIX",
     "ModelEntry",
+    "ModelSource",
     "UnknownModelError",
-    "create_model",
+    "build_registered",
     "get_entry",
     "list_models",
-    "model_table",
     "register_model",
+    "resolve_source",
 ]
+
+#: Prefix of a timm architecture name as a model source (``timm/vit_small_patch16_224``).
+TIMM_PREFIX = "timm/"
 
 #: Modules whose import registers the built-in models.
 _BUILTIN_MODULES = (
@@ -154,75 +159,80 @@ def get_entry(name: str) -> ModelEntry:
         ) from None
 
 
-def _is_checkpoint_dir(p: str | Path) -> bool:
-    path = Path(p)
-    return path.is_dir() and (path / "spec.json").is_file()
-
-
-def create_model(name: str, *, weights: str | Path | None = None, **overrides: Any) -> nn.Module:
-    """Build a registered model, or load a checkpoint directory.
+def build_registered(name: str, **kwargs: Any) -> nn.Module:
+    """Call a registry entry point and record how the model was built.
 
     Args:
-        name: A registry name, or a checkpoint directory written by ``save_model``.
-        weights: ``None`` (random init), a checkpoint directory written by ``save_model``,
-            or, for adapters, a local upstream weight file or torchgeo weight name.
-        **overrides: Keyword arguments for the entry point (``depth=2``...).
+        name: A registry name.
+        **kwargs: Keyword arguments for the entry point (``weights=`` included).
 
     Returns:
-        The model, with ``model.model_spec = {"name": name, "kwargs": overrides}``.
+        The model, with ``model.model_spec = {"name": name, "kwargs": kwargs}`` (without
+        ``weights``), which checkpoints use to rebuild it.
 
     Raises:
         UnknownModelError: for an unknown name.
-        ValueError: if weights are given to a model that takes none.
     """
-    from mapex_analysis.models.checkpoint import load_model
-
-    if _is_checkpoint_dir(name):
-        if overrides or weights is not None:
-            raise ValueError(f"checkpoint {name} is loaded as saved; no overrides allowed")
-        return load_model(name)
     entry = get_entry(name)
-    if weights is not None and _is_checkpoint_dir(weights):
-        model = load_model(weights)
-        saved = getattr(model, "model_spec", {}).get("name")
-        if saved != name:
-            raise ValueError(f"checkpoint {weights} holds model {saved!r}, not {name!r}")
-        return model
-    if weights is not None:
-        if not entry.accepts_weights:
-            raise ValueError(
-                f"model {name!r} loads weights only from a checkpoint directory "
-                f"(with spec.json); {weights!s} is not one"
-            )
-        model = entry.fn(weights=weights, **overrides)
-    else:
-        model = entry.fn(**overrides)
-    setattr(model, "model_spec", {"name": name, "kwargs": dict(overrides)})  # noqa: B010
+    model = entry.fn(**kwargs)
+    spec_kwargs = {k: v for k, v in kwargs.items() if k != "weights"}
+    setattr(model, "model_spec", {"name": name, "kwargs": spec_kwargs})  # noqa: B010
     return model
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+@dataclass(frozen=True)
+class ModelSource:
+    """What a model source string names (from :func:`resolve_source`).
 
-
-def model_table() -> list[dict[str, Any]]:
-    """One row per registered model: name, family, modalities, parameters, weights source.
-
-    Models are built on the ``meta`` device, so this costs no memory or init time.
+    Attributes:
+        kind: ``registry``, ``checkpoint`` or ``timm``.
+        ref: The registry name, the checkpoint directory, or the timm architecture name.
     """
-    rows = []
-    for name in list_models():
-        entry = _ENTRIES[name]
-        with torch.device("meta"):
-            model = entry.fn()
-        rows.append(
-            {
-                "name": name,
-                "family": entry.family,
-                "modalities": ", ".join(getattr(model, "modalities", ())),
-                "params": count_parameters(model),
-                "weights": entry.weights,
-                "description": entry.description,
-            }
+
+    kind: Literal["registry", "checkpoint", "timm"]
+    ref: str
+
+    @property
+    def is_checkpoint(self) -> bool:
+        """Whether the source is a checkpoint directory."""
+        return self.kind == "checkpoint"
+
+
+def _looks_like_path(source: str) -> bool:
+    return "/" in source or source.startswith(".") or Path(source).exists()
+
+
+def resolve_source(source: str, *, check: bool = True) -> ModelSource:
+    """Say what a model source names (see the module docstring for the rule).
+
+    Args:
+        source: ``timm/<architecture>``, a checkpoint directory, or a registry name.
+        check: Also check that a checkpoint directory holds ``spec.json`` and that a registry
+            name is registered (timm names are checked by timm when the model is built).
+
+    Returns:
+        The :class:`ModelSource`.
+
+    Raises:
+        UnknownModelError: for a missing checkpoint directory or an unknown registry name
+            (the registered names are listed).
+    """
+    if source.startswith(TIMM_PREFIX):
+        arch = source[len(TIMM_PREFIX) :]
+        if not arch:
+            raise UnknownModelError(f"{source!r}: name a timm architecture after {TIMM_PREFIX}")
+        return ModelSource("timm", arch)
+    if _looks_like_path(source):
+        if check and not (Path(source) / "spec.json").is_file():
+            raise UnknownModelError(
+                f"checkpoint directory {source!r} not found (a checkpoint directory holds "
+                f"spec.json, weights.safetensors, README.md); registered models: "
+                f"{', '.join(list_models()) or '(none)'}; or {TIMM_PREFIX}<timm architecture>"
+            )
+        return ModelSource("checkpoint", source)
+    if check and source not in list_models():
+        raise UnknownModelError(
+            f"unknown model {source!r}; registered models: {', '.join(list_models())}, "
+            f"a checkpoint directory such as models/<name>, or {TIMM_PREFIX}<timm architecture>"
         )
-    return rows
+    return ModelSource("registry", source)

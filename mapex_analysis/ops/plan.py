@@ -1,19 +1,22 @@
-"""Operator plans: replaying them (:func:`apply_plan`) and recording them (:func:`record_op`).
+"""Replaying operator plans: :func:`apply_plan`.
 
-Every operator records a JSON-able plan (``{"op": <operator>, ...}``) in ``model.applied_ops``;
-:func:`apply_plan` dispatches such a plan back to its operator, so a checkpoint's ``spec.json``
-(base model + list of plans) rebuilds the exact architecture of a pruned and/or slimmed model.
+Every operator records a JSON-able plan (``{"op": <operator>, ...}``) in ``model.applied_ops``
+(:mod:`.record`); :func:`apply_plan` dispatches such a plan back to its operator, so a
+checkpoint's ``spec.json`` (base model + list of plans) rebuilds the exact architecture of a
+pruned and/or slimmed model.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
-__all__ = ["OPERATORS", "apply_plan", "record_op"]
+from mapex_analysis.ops.prune import PrunePlan, apply_prune_plan
+from mapex_analysis.ops.slim import SlimPlan, apply_slim_plan
+
+__all__ = ["OPERATORS", "apply_plan"]
 
 #: Operator names a plan's ``"op"`` may hold.
 OPERATORS: tuple[str, ...] = ("prune_experts", "slim_width")
@@ -45,36 +48,7 @@ def apply_plan(
         raise ValueError(f"an operator plan is a mapping with an 'op' key, got {plan!r}")
     op = plan.get("op")
     if op == "slim_width":
-        from mapex_analysis.ops.slim import SlimPlan, apply_slim_plan
-
         return apply_slim_plan(model, SlimPlan.from_dict(plan), structural_only=structural_only)
     if op == "prune_experts":
-        from mapex_analysis.ops.prune import PrunePlan, apply_prune_plan
-
         return apply_prune_plan(model, PrunePlan.from_dict(plan))
     raise ValueError(f"unknown operator {op!r} in plan; valid operators: {list(OPERATORS)}")
-
-
-def record_op(
-    source: nn.Module, out: nn.Module, plan: dict[str, Any], report: dict[str, Any]
-) -> None:
-    """Attach the operator bookkeeping to an operator's output model.
-
-    ``out.applied_ops`` becomes the source's ops plus ``plan``; ``out.model_spec`` is copied
-    from the source; ``out.op_report`` is ``report`` and ``out.op_reports`` lists the reports
-    of every op applied in this process (earlier ones first).
-
-    Args:
-        source: The model the operator was applied to.
-        out: The operator's result (may be ``source`` itself when in place).
-        plan: The JSON-able plan of the operator.
-        report: The JSON-able report of what it kept.
-    """
-    ops = [copy.deepcopy(p) for p in getattr(source, "applied_ops", [])]
-    reports = list(getattr(source, "op_reports", []))
-    spec = getattr(source, "model_spec", None)
-    setattr(out, "applied_ops", [*ops, copy.deepcopy(plan)])  # noqa: B010
-    setattr(out, "op_report", report)  # noqa: B010
-    setattr(out, "op_reports", [*reports, report])  # noqa: B010
-    if spec is not None:
-        setattr(out, "model_spec", copy.deepcopy(spec))  # noqa: B010

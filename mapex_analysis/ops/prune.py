@@ -37,7 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from mapex_analysis.modalities import ModalityError
-from mapex_analysis.ops.plan import record_op
+from mapex_analysis.models.contract import moe_layers, num_params
+from mapex_analysis.ops.record import record_op
 from mapex_analysis.options import PRUNE_STRATEGIES, PruneStrategy
 
 __all__ = [
@@ -52,27 +53,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-
-
-def moe_layers(model: nn.Module) -> dict[str, Any]:
-    """The mixture-of-experts MLPs of a token model's blocks.
-
-    Args:
-        model: A token model (``model.blocks``), e.g. MAPEX.
-
-    Returns:
-        ``{"blocks.<i>.mlp": MoEMLP}`` in block order (empty for a model without experts).
-    """
-    from mapex_analysis.models.moe import MoEMLP
-
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList):
-        return {}
-    return {
-        f"blocks.{i}.mlp": blk.mlp
-        for i, blk in enumerate(blocks)
-        if isinstance(getattr(blk, "mlp", None), MoEMLP)
-    }
 
 
 def _check_moe(model: nn.Module) -> dict[str, Any]:
@@ -309,10 +289,6 @@ def _prune_layer(moe: Any, kept: list[int], modalities: Sequence[str]) -> None:
             )
 
 
-def _n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def apply_prune_plan(
     model: nn.Module, plan: PrunePlan, *, counts: Mapping[str, Tensor] | None = None
 ) -> nn.Module:
@@ -346,7 +322,7 @@ def apply_prune_plan(
                 f"{name}: kept experts {kept} must be distinct indices in [0, {n}); bad: {bad}"
             )
     out: Any = copy.deepcopy(model)  # a token model: patch_embed / modality_embed dicts
-    params_before = _n_params(model)
+    params_before = num_params(model)
     dropped = [m for m in getattr(model, "modalities", ()) if m not in mods]
     for m in dropped:
         del out.patch_embed[m]
@@ -387,7 +363,7 @@ def apply_prune_plan(
         **plan.to_dict(),
         "dropped_modalities": dropped,
         "params_before": params_before,
-        "params_after": _n_params(out),
+        "params_after": num_params(out),
         "traffic_to_removed": traffic,
         "layers": report_layers,
     }

@@ -34,7 +34,8 @@ import torch
 from timm.layers import Attention, Mlp
 from torch import Tensor, nn
 
-from mapex_analysis.ops.plan import record_op
+from mapex_analysis.models.contract import num_params
+from mapex_analysis.ops.record import record_op
 from mapex_analysis.options import SLIM_MODES, SLIM_ORDERS, SLIM_WIDTHS, SlimMode, SlimOrder
 
 __all__ = [
@@ -317,10 +318,6 @@ def _targets(
     return (attns if "attn" in mode else []), (mlps if "mlp" in mode else [])
 
 
-def _n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def apply_slim_plan(
     model: nn.Module, plan: SlimPlan, *, structural_only: bool = False, inplace: bool = False
 ) -> nn.Module:
@@ -342,7 +339,7 @@ def apply_slim_plan(
     """
     attns, mlps = _targets(model, plan.mode)
     out = model if inplace else copy.deepcopy(model)
-    params_before = _n_params(model)
+    params_before = num_params(model)
     by_name = dict(out.named_modules())
     order = "first" if structural_only else plan.order
     layers: list[dict[str, Any]] = []
@@ -374,7 +371,7 @@ def apply_slim_plan(
     report = {
         **plan.to_dict(),
         "params_before": params_before,
-        "params_after": _n_params(out),
+        "params_after": num_params(out),
         "layers": layers,
     }
     record_op(model, out, plan.to_dict(), report)

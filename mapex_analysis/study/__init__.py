@@ -1,19 +1,9 @@
-"""Studies: the validated YAML schema, the resumable runner and the tidy results table."""
+"""Studies: the validated YAML schema, the grid, the resumable runner and the results table.
 
-from mapex_analysis.study.results import COLUMNS, read_results
-from mapex_analysis.study.runner import Cell, RunSummary, Variant, plan_grid, run_study
-from mapex_analysis.study.schema import Study, StudyError, load_study, parse_study
+Names in ``__init__.pyi``, loaded on first use: validating a study (:mod:`.schema`) needs no
+torch.
+"""
 
-__all__ = [
-    "COLUMNS",
-    "Cell",
-    "RunSummary",
-    "Study",
-    "StudyError",
-    "Variant",
-    "load_study",
-    "parse_study",
-    "plan_grid",
-    "read_results",
-    "run_study",
-]
+import lazy_loader as _lazy
+
+__getattr__, __dir__, __all__ = _lazy.attach_stub(__name__, __file__)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from mapex_analysis.files import atomic_write
 
@@ -104,8 +105,6 @@ def cell_file_problem(path: Path) -> str | None:
     partially onto a shared filesystem or cut by a full disk is not: its Parquet footer is
     missing or its metadata does not parse.
     """
-    import pyarrow.parquet as pq
-
     try:
         size = path.stat().st_size
         if size < 12:

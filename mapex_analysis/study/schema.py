@@ -31,6 +31,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from mapex_analysis.data.tasks import TASKS
+from mapex_analysis.models.registry import UnknownModelError, resolve_source
 from mapex_analysis.options import (
     DEFAULT_MODALITIES,
     SLIM_WIDTHS,
@@ -43,6 +45,7 @@ from mapex_analysis.options import (
     SlimOrder,
     SlimTarget,
 )
+from mapex_analysis.study.measures import measurement_names
 
 __all__ = [
     "DataConfig",
@@ -61,7 +64,6 @@ __all__ = [
     "parse_study",
 ]
 
-Measurement = Literal["macs", "params", "latency", "redundancy", "specialization", "attribution"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -110,6 +112,7 @@ def format_validation_error(err: ValidationError, source: str = "study") -> str:
             "modality_set",
             "width_range",
             "unknown_task",
+            "unknown_measurement",
         ):
             got = f" (got {e['input']!r})" if repr(e["input"]) not in msg else ""
         lines.append(f"  {_loc(loc)}: {msg}{got}")
@@ -138,10 +141,6 @@ class _Strict(BaseModel):
                         },
                     )
         return data
-
-
-def _is_checkpoint_ref(source: str) -> bool:
-    return "/" in source or source.startswith(".") or Path(source).exists()
 
 
 def _check_widths(v: Any) -> Any:
@@ -196,29 +195,16 @@ class ModelConfig(_Strict):
     @field_validator("source")
     @classmethod
     def _known_source(cls, v: str) -> str:
-        from mapex_analysis.models.registry import list_models
-
-        if _is_checkpoint_ref(v):
-            path = Path(v)
-            if not (path / "spec.json").is_file():
-                raise ValueError(
-                    f"checkpoint directory {v!r} not found (a checkpoint directory holds "
-                    f"spec.json, weights.safetensors, README.md); registered models: "
-                    f"{', '.join(list_models()) or '(none)'}"
-                )
-            return v
-        names = list_models()
-        if v not in names:
-            raise ValueError(
-                f"unknown model {v!r}; registered models: {', '.join(names) or '(none)'}, "
-                f"or a checkpoint directory such as models/<name>"
-            )
+        try:
+            resolve_source(v)
+        except UnknownModelError as err:
+            raise ValueError(str(err)) from None
         return v
 
     @property
     def is_checkpoint(self) -> bool:
         """Whether :attr:`source` is a checkpoint directory."""
-        return _is_checkpoint_ref(self.source)
+        return resolve_source(self.source, check=False).is_checkpoint
 
 
 class DataConfig(_Strict):
@@ -551,7 +537,7 @@ class Study(_Strict):
     protocols: list[Protocol] = Field(default=["knn", "linear"], min_length=1)
     knn_k: int = Field(default=5, ge=1)
     seeds: list[int] = Field(default=[0], min_length=1)
-    measurements: list[Measurement] = Field(default=["macs", "params"])
+    measurements: list[str] = Field(default=["macs", "params"])
     latency: LatencyConfig = LatencyConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     attribution_samples: int = Field(default=64, ge=2)
@@ -574,11 +560,22 @@ class Study(_Strict):
                 raise ValueError(f"model label {label!r} must be letters, digits, '_', '-', '.'")
         return v
 
+    @field_validator("measurements")
+    @classmethod
+    def _measurements(cls, v: list[str]) -> list[str]:
+        valid = measurement_names()
+        for i, name in enumerate(v):
+            if name not in valid:
+                raise PydanticCustomError(
+                    "unknown_measurement",
+                    "{msg}",
+                    {"index": i, "msg": f"unknown measurement {name!r}; valid: {', '.join(valid)}"},
+                )
+        return v
+
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v: list[str]) -> list[str]:
-        from mapex_analysis.data.tasks import TASKS
-
         valid = [t for t, spec in TASKS.items() if spec.kind != "unlabelled"]
         for i, t in enumerate(v):
             if t not in valid:

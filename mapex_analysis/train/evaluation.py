@@ -29,6 +29,20 @@ import lightning as L
 import numpy as np
 import torch
 
+from mapex_analysis.checkpoint import load_model
+from mapex_analysis.data import SynthEO
+from mapex_analysis.eval.features import extract_features
+from mapex_analysis.eval.probes import knn_probe
+from mapex_analysis.factory import create_model
+from mapex_analysis.measure.specialization import (
+    collect_routing,
+    modality_entropy_bits,
+    mutual_information_bits,
+    own_group_share,
+)
+from mapex_analysis.models.contract import is_moe
+from mapex_analysis.ops.prune import prune_experts
+
 __all__ = [
     "KnnMonitor",
     "LandcoverKnnProbe",
@@ -134,8 +148,6 @@ class LandcoverKnnProbe:
     def scenes(self, encoder: torch.nn.Module) -> dict[str, Any]:
         """SynthEO ``train`` scenes and the scored scenes (``eval_split``, under the key
         ``test``) for ``encoder``'s modalities and size."""
-        from mapex_analysis.data import SynthEO
-
         net: Any = encoder
         if self.splits is None:
             self.splits = {
@@ -149,9 +161,6 @@ class LandcoverKnnProbe:
 
     def score(self, encoder: torch.nn.Module) -> float:
         """k-NN test accuracy of ``encoder``'s pooled features (its train mode is restored)."""
-        from mapex_analysis.eval.features import extract_features
-        from mapex_analysis.eval.probes import knn_probe
-
         net: Any = encoder
         mods: tuple[str, ...] = tuple(net.modalities)
         feats = extract_features(
@@ -188,10 +197,6 @@ def evaluate_pretraining(
     Raises:
         CheckpointError: for a missing or corrupted checkpoint.
     """
-    from mapex_analysis.measure.specialization import collect_routing
-    from mapex_analysis.models.checkpoint import load_model
-    from mapex_analysis.models.registry import create_model
-
     pretrained: Any = load_model(checkpoint)
     spec = pretrained.model_spec
     torch.manual_seed(seed)
@@ -204,8 +209,7 @@ def evaluate_pretraining(
         logger.info("%s %s: k-NN (k=%d) accuracy %.4f", checkpoint, name, k, acc[name])
     splits = probe.scenes(pretrained)
     out = PretrainEvaluation(str(checkpoint), acc["pretrained"], acc["random"], k, n_train, n_test)
-    has_moe = any(hasattr(b.mlp, "experts") for b in getattr(pretrained, "blocks", []))
-    if has_moe:
+    if is_moe(pretrained):
         layers = [
             c
             for c in collect_routing(
@@ -346,18 +350,6 @@ def evaluate_static_pruning(
         CheckpointError: for a missing or corrupted checkpoint.
         TypeError: if the checkpoint has no MoE layer.
     """
-    from mapex_analysis.data import SynthEO
-    from mapex_analysis.eval.features import extract_features
-    from mapex_analysis.eval.probes import knn_probe
-    from mapex_analysis.measure.specialization import (
-        collect_routing,
-        modality_entropy_bits,
-        mutual_information_bits,
-        own_group_share,
-    )
-    from mapex_analysis.models.checkpoint import load_model
-    from mapex_analysis.ops.prune import prune_experts
-
     model: Any = load_model(checkpoint).eval()
     mods: tuple[str, ...] = tuple(model.modalities)
     size = int(model.img_size)

@@ -5,7 +5,7 @@ pretraining scenes and the optimisation; :func:`pretrain` builds the
 :class:`PretrainDataModule` and :class:`MAEPretrainModule`, runs a ``lightning.Trainer``
 (``devices`` / ``num_nodes`` / ``accelerator`` from the config or the caller; DDP whenever more
 than one process), and on global rank 0 writes the encoder as a checkpoint directory
-(:func:`mapex_analysis.models.checkpoint.save_model`) whose model card records the exact
+(:func:`mapex_analysis.checkpoint.save_model`) whose model card records the exact
 command, steps and final loss. Launch multi-node runs with ``torchrun`` or SLURM as Lightning
 documents; nothing here changes.
 """
@@ -29,9 +29,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.utils.data import DataLoader, Dataset
 
+from mapex_analysis.checkpoint import save_model
+from mapex_analysis.data import SynthEO
 from mapex_analysis.data.tasks import get_task
+from mapex_analysis.factory import create_model
 from mapex_analysis.models.mae import MaskedAutoencoder, MaskMode
-from mapex_analysis.models.registry import create_model
+from mapex_analysis.models.registry import get_entry
 from mapex_analysis.models.token_model import TokenEncoder
 
 __all__ = [
@@ -132,8 +135,6 @@ class PretrainConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _known_model(cls, v: str) -> str:
-        from mapex_analysis.models.registry import get_entry
-
         get_entry(v)  # raises UnknownModelError listing the registered names
         return v
 
@@ -195,8 +196,6 @@ class PretrainDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Generate (or load from the SynthEO cache) the scenes."""
-        from mapex_analysis.data import SynthEO
-
         if self.train_set is not None:
             return
         ds = SynthEO(
@@ -396,8 +395,6 @@ def pretrain(
     final = float(np.mean(losses)) if losses else float("nan")
     out_dir: Path | None = None
     if trainer.is_global_zero:
-        from mapex_analysis.models.checkpoint import save_model
-
         cmd = command or " ".join(shlex.quote(a) for a in sys.argv)
         card = {
             "title": cfg.name,

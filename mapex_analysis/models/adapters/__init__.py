@@ -13,12 +13,7 @@ from mapex_analysis.models.adapters import (  # noqa: F401  (imports register th
     ssl4eo,
     timm_vit,
 )
-from mapex_analysis.models.adapters.base import (
-    FILL_POLICIES,
-    Adapter,
-    Normalization,
-    WeightsError,
-    WeightsReport,
-)
+from mapex_analysis.models.adapters.base import FILL_POLICIES, Adapter, Normalization
+from mapex_analysis.models.weights import WeightsError, WeightsReport
 
 __all__ = ["FILL_POLICIES", "Adapter", "Normalization", "WeightsError", "WeightsReport"]

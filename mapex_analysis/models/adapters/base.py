@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -52,6 +52,14 @@ from mapex_analysis.modalities import (
     get_modality,
 )
 from mapex_analysis.models.contract import take_indices
+from mapex_analysis.models.weights import (
+    WeightsError,
+    WeightsReport,
+    download_state_dict,
+    load_state_strict,
+    read_state_dict,
+    resolve_torchgeo_weights,
+)
 from mapex_analysis.options import FILL_POLICIES, FillPolicy
 
 __all__ = [
@@ -59,24 +67,15 @@ __all__ = [
     "Adapter",
     "FillPolicy",
     "Normalization",
-    "WeightsError",
-    "WeightsReport",
     "build",
     "capture_points",
-    "download_state_dict",
     "modality_bands",
     "project_normalization",
-    "read_state_dict",
-    "resolve_torchgeo_weights",
     "torchgeo_band",
 ]
 
 logger = logging.getLogger(__name__)
 
-
-
-class WeightsError(RuntimeError):
-    """Weights that cannot be loaded: unreadable file, key or shape mismatch, offline download."""
 
 
 @dataclass(frozen=True)
@@ -143,92 +142,6 @@ def torchgeo_band(name: str) -> str:
     if name.startswith("B") and name[1:].isdigit():
         return get_band(f"B{int(name[1:]):02d}").name
     return get_band(name).name
-
-
-@dataclass
-class WeightsReport:
-    """What :meth:`Adapter.load_weights` loaded.
-
-    Attributes:
-        source: The file path or torchgeo weight name.
-        loaded: Number of tensors loaded.
-        missing: Keys the checkpoint lacked that the adapter declares optional.
-        ignored: Checkpoint keys the adapter declares unused.
-    """
-
-    source: str
-    loaded: int
-    missing: list[str] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
-
-
-def read_state_dict(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint file in the upstream format.
-
-    Args:
-        path: ``.safetensors``, or a torch pickle (``.pth``, ``.pt``, ``.bin``, ``.ckpt``) read
-            with ``weights_only=True`` (no code runs on load).
-
-    Returns:
-        The object stored (a state dict, possibly nested as the upstream saves it).
-
-    Raises:
-        WeightsError: if the file is missing or unreadable.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise WeightsError(f"weight file {p} does not exist")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return dict(load_file(str(p)))
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling and safetensors errors have no common base
-        raise WeightsError(f"cannot read weight file {p}: {type(err).__name__}: {err}") from err
-    if not isinstance(obj, dict):
-        raise WeightsError(f"{p} holds a {type(obj).__name__}, not a state dict")
-    return obj
-
-
-def resolve_torchgeo_weights(name: str, valid: Sequence[Any]) -> Any:
-    """Find a torchgeo weight enum member by its full name.
-
-    Args:
-        name: ``"<EnumClass>.<MEMBER>"``, e.g. ``"DOFABase16_Weights.DOFA_MAE"``.
-        valid: The enum members this adapter can load.
-
-    Returns:
-        The enum member.
-
-    Raises:
-        WeightsError: for a name that is not one of ``valid`` (the valid names are listed).
-    """
-    for member in valid:
-        if name == str(member):
-            return member
-    names = ", ".join(str(m) for m in valid) or "none"
-    raise WeightsError(
-        f"{name!r} is neither an existing weight file nor a torchgeo weight name this model "
-        f"can load; valid weight names: {names}"
-    )
-
-
-def download_state_dict(weights: Any) -> dict[str, Any]:
-    """Download a torchgeo weight enum's state dict (needs the network).
-
-    Raises:
-        WeightsError: if the download fails (e.g. offline), saying how to load a local file.
-    """
-    try:
-        state: dict[str, Any] = weights.get_state_dict(progress=False)
-    except Exception as err:  # URLError, HTTPError, OSError, socket errors...
-        raise WeightsError(
-            f"cannot download torchgeo weights {weights} from {weights.url} "
-            f"({type(err).__name__}: {err}); this machine may be offline: download the file "
-            "elsewhere and pass its local path as weights="
-        ) from err
-    return state
 
 
 class Adapter(nn.Module):
@@ -535,29 +448,9 @@ class Adapter(nn.Module):
         ignored = sorted(k for k in state if k in self.unused_keys and k not in own)
         for k in ignored:
             state.pop(k)
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        hard_missing = [k for k in missing if k not in self.optional_keys]
-        if hard_missing or unexpected:
-            raise WeightsError(
-                f"{source}: does not match {type(self).__name__} ({type(target).__name__} "
-                f"keys): missing keys {hard_missing}, unexpected keys {unexpected}"
-                + (
-                    " (a misspelled key shows up in both lists)"
-                    if hard_missing and unexpected
-                    else ""
-                )
-            )
-        bad = [
-            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-            for k, v in state.items()
-            if tuple(v.shape) != tuple(own[k].shape)
-        ]
-        if bad:
-            raise WeightsError(
-                f"{source}: shape mismatch (nothing loaded, no key skipped): {'; '.join(bad)}"
-            )
-        target.load_state_dict(state, strict=False)
+        what = f"{type(self).__name__} ({type(target).__name__} keys)"
+        missing = load_state_strict(target, state, source=source, what=what,
+                                    optional=self.optional_keys)  # fmt: skip
         report = WeightsReport(source, len(state), missing, ignored)
         self.weights_report = report
         logger.info(

@@ -38,11 +38,11 @@ from torchgeo.models.croma import CROMABase_Weights, CROMALarge_Weights, get_2da
 from mapex_analysis.models.adapters.base import (
     Adapter,
     FillPolicy,
-    WeightsError,
     build,
     project_normalization,
 )
 from mapex_analysis.models.registry import register_model
+from mapex_analysis.models.weights import WeightsError
 
 __all__ = ["CROMA_OPTICAL_BANDS", "CROMA_SAR_BANDS", "CROMAAdapter", "alibi_bias"]
 

@@ -16,7 +16,6 @@ keys) after checking their sha256.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -24,21 +23,19 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["CheckpointError", "load_model", "save_model", "sha256_file"]
+from mapex_analysis.files import atomic_write, atomic_write_text, sha256_file
+from mapex_analysis.models.contract import num_params
+from mapex_analysis.models.registry import build_registered
+from mapex_analysis.models.weights import load_state_strict
+from mapex_analysis.ops.plan import apply_plan
+
+__all__ = ["CheckpointError", "load_model", "save_model"]
 
 FORMAT = "mapex-analysis/1"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory that is incomplete, corrupted or does not match its spec."""
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _card(spec: dict[str, Any], card: dict[str, Any] | None, n_params: int) -> str:
@@ -88,9 +85,8 @@ def save_model(
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights = directory / "weights.safetensors"
-    tmp = directory / "weights.safetensors.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(weights)
+    with atomic_write(weights) as tmp:
+        save_file(state, str(tmp))
     spec = {
         "format": FORMAT,
         "name": base["name"],
@@ -98,9 +94,8 @@ def save_model(
         "ops": list(getattr(model, "applied_ops", [])),
         "sha256": sha256_file(weights),
     }
-    (directory / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
-    n_params = sum(p.numel() for p in model.parameters())
-    (directory / "README.md").write_text(_card(spec, card, n_params))
+    atomic_write_text(directory / "spec.json", json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(directory / "README.md", _card(spec, card, num_params(model)))
     return directory
 
 
@@ -111,9 +106,6 @@ def load_model(directory: str | Path, *, verify: bool = True) -> nn.Module:
         CheckpointError: for a missing file, a sha256 mismatch, or missing/unexpected keys
             or shape mismatches (each named).
     """
-    from mapex_analysis.models.registry import create_model
-    from mapex_analysis.ops import apply_plan
-
     directory = Path(directory)
     spec_path, weights = directory / "spec.json", directory / "weights.safetensors"
     for p in (spec_path, weights):
@@ -129,25 +121,11 @@ def load_model(directory: str | Path, *, verify: bool = True) -> nn.Module:
                 f"{weights}: sha256 {digest} does not match {spec['sha256']} in spec.json; "
                 "the weight file is corrupted or was replaced"
             )
-    model = create_model(spec["name"], **spec["kwargs"])
+    model = build_registered(spec["name"], **spec["kwargs"])
     for plan in spec["ops"]:
         model = apply_plan(model, plan, structural_only=True)
     state = load_file(str(weights))
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{weights}: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}"
-        )
-    bad = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if tuple(v.shape) != tuple(own[k].shape)
-    ]
-    if bad:
-        raise CheckpointError(f"{weights}: shape mismatch: {'; '.join(bad[:10])}")
-    model.load_state_dict(state, strict=True)
+    load_state_strict(model, state, source=str(weights), error=CheckpointError)
     # plain attributes (nn.Module.__setattr__ keeps non-tensor values as attributes)
     setattr(model, "model_spec", {"name": spec["name"], "kwargs": spec["kwargs"]})  # noqa: B010
     setattr(model, "applied_ops", copy.deepcopy(spec["ops"]))  # noqa: B010

@@ -1,0 +1,10 @@
+from .syntheo import SynthEO as SynthEO
+from .syntheo import default_cache_dir as default_cache_dir
+from .syntheo import generate as generate
+from .tasks import LANDCOVER_CLASSES as LANDCOVER_CLASSES
+from .tasks import SPLITS as SPLITS
+from .tasks import TASKS as TASKS
+from .tasks import TaskError as TaskError
+from .tasks import TaskSpec as TaskSpec
+from .tasks import get_task as get_task
+from .tasks import list_tasks as list_tasks

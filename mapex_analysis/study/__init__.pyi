@@ -1,0 +1,11 @@
+from .results import COLUMNS as COLUMNS
+from .results import read_results as read_results
+from .runner import Cell as Cell
+from .runner import RunSummary as RunSummary
+from .runner import Variant as Variant
+from .runner import plan_grid as plan_grid
+from .runner import run_study as run_study
+from .schema import Study as Study
+from .schema import StudyError as StudyError
+from .schema import load_study as load_study
+from .schema import parse_study as parse_study

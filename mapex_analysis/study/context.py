@@ -1,0 +1,112 @@
+"""What the cells of one study share inside a process: built models, their variants, data.
+
+A :class:`StudyContext` builds each base model once, applies a variant's operator plans once
+(the last few variants are kept, least recently used first out) and generates each task split
+once; cells in the serial loop and on a Dask worker read from it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from mapex_analysis.data import SynthEO
+from mapex_analysis.factory import create_model
+from mapex_analysis.ops.prune import PrunePlan, prune_experts
+from mapex_analysis.ops.slim import slim_width
+from mapex_analysis.study.schema import ModelConfig, Study
+
+__all__ = ["StudyContext", "build_base", "seed_everything"]
+
+#: Variant models kept per process (a pruned ``mapex_base`` is hundreds of MB).
+VARIANT_CACHE = 8
+#: Task splits kept per process.
+DATA_CACHE = 16
+
+
+def seed_everything(seed: int) -> None:
+    """Seed model init and torch-side randomness (probes and data take explicit seeds)."""
+    torch.manual_seed(seed)
+
+
+def build_base(cfg: ModelConfig) -> nn.Module:
+    """The unmodified model of a study entry (seeded random init for registry names).
+
+    Args:
+        cfg: The model entry.
+
+    Returns:
+        The model in eval mode.
+    """
+    if cfg.is_checkpoint:
+        model = create_model(cfg.source)
+    else:
+        kwargs = dict(cfg.kwargs)
+        if cfg.router is not None:
+            kwargs.setdefault("router", cfg.router)
+        seed_everything(cfg.init_seed)
+        model = create_model(cfg.source, **kwargs)
+    return model.eval()
+
+
+class StudyContext:
+    """Models, variants and data of one study, built on first use and cached.
+
+    Args:
+        study: The validated study.
+    """
+
+    def __init__(self, study: Study) -> None:
+        self.study = study
+        self.study_dir = study.study_dir
+        self.base = functools.cache(self._build_base)
+        self._steps: dict[str, tuple[Any, ...]] = {}
+        self._variants = functools.lru_cache(maxsize=VARIANT_CACHE)(self._build_variant)
+        self.dataset = functools.lru_cache(maxsize=DATA_CACHE)(self._build_dataset)
+
+    def _build_base(self, label: str) -> nn.Module:
+        return build_base(self.study.models[label])
+
+    def model(self, label: str, variant: Any) -> nn.Module:
+        """The model of ``label`` with ``variant``'s operator plans applied, in eval mode."""
+        self._steps[variant.key] = variant.steps  # plans are not hashable; their key is
+        return self._variants(label, variant.key)
+
+    def _build_variant(self, label: str, key: str) -> nn.Module:
+        model = self.base(label)
+        for step in self._steps[key]:
+            if isinstance(step, PrunePlan):
+                model = self._prune(model, step)
+            else:
+                model = slim_width(model, step.s, mode=step.mode, order=step.order,  # type: ignore[arg-type]
+                                   seed=step.seed)  # fmt: skip
+        return model.eval()
+
+    def _prune(self, model: nn.Module, step: PrunePlan) -> nn.Module:
+        """Prune with calibration data always given (the first task's ``train`` split, seed
+        of the first study seed), so every pruned model reports ``traffic_to_removed``."""
+        cfg = self.study.operators.prune
+        assert cfg is not None  # a prune step exists only with a prune config
+        mods = step.modalities
+        arrays = self.dataset(self.study.tasks[0], self.study.seeds[0], "train").arrays()
+        n, bs = cfg.calibration_samples, self.study.data.batch_size
+        calibration = [
+            {m: torch.as_tensor(arrays[m][i : min(i + bs, n)]) for m in mods}
+            for i in range(0, min(n, len(arrays[mods[0]])), bs)
+        ]
+        return prune_experts(model, list(mods), strategy=step.strategy,  # type: ignore[arg-type]
+                             calibration=calibration, coverage=step.coverage)  # fmt: skip
+
+    def _build_dataset(self, task: str, seed: int, split: str) -> SynthEO:
+        d = self.study.data
+        return SynthEO(
+            task,
+            split,
+            seed=d.seed + seed,
+            n=d.n_train if split == "train" else d.n_test,
+            img_size=d.img_size,
+            clouds=d.clouds,
+        )

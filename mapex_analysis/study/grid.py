@@ -1,0 +1,254 @@
+"""The study grid: variants (chains of operator plans), cells and their content-hashed ids.
+
+Grid (per model label, with ``A`` the model's modalities and ``P`` each prune set):
+
+* ``base`` fed ``A`` (the reference every retention and relative cost is taken against);
+* ``base`` fed ``P`` (the full model restricted to a task's modalities; for dense and
+  supervised models this is their per-modality row of the seed-style tables);
+* ``prune[P]`` fed ``P`` (MAPEX models only);
+* ``slim[s,mode,order]`` fed ``A`` (and fed ``P`` with ``slim.modality_sets``);
+* ``prune[P]+slim[s,mode,order]`` fed ``P`` (prune-then-slim, ``slim.apply_to: [pruned]``).
+
+Each (model, variant, modalities) has one *cost* cell (the ``cost`` measurements) and one
+*eval* cell per (task, seed) (probes and the ``eval`` measurements). A cell's id hashes
+everything that determines its rows, so a finished cell is never recomputed and a changed
+config or checkpoint never reuses stale rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from mapex_analysis.models.contract import modalities_of
+from mapex_analysis.ops.prune import PrunePlan
+from mapex_analysis.ops.slim import SlimPlan
+from mapex_analysis.options import DEFAULT_MODALITIES
+from mapex_analysis.study.context import build_base
+from mapex_analysis.study.measures import selected
+from mapex_analysis.study.provenance import checkpoint_fingerprint
+from mapex_analysis.study.schema import ModelConfig, Study
+
+__all__ = ["Cell", "Step", "Variant", "plan_grid", "sorted_modalities", "step_key"]
+
+#: One operator of a variant: a pruning request (``kept_experts`` is decided when applied, from
+#: calibration data) or a slimming plan.
+Step = PrunePlan | SlimPlan
+
+
+def step_key(step: Step) -> str:
+    """``prune[sar]``, ``prune[sar,routing@0.95]`` or ``slim[0.25,attn+mlp,first]``."""
+    if isinstance(step, PrunePlan):
+        how = "" if step.strategy == "static" else f",routing@{step.coverage:g}"
+        return f"prune[{'+'.join(step.modalities)}{how}]"
+    return f"slim[{step.s:g},{step.mode},{step.order}]"
+
+
+@dataclass(frozen=True, eq=False)
+class Variant:
+    """A chain of operator plans applied to a model, in order (empty: the base model).
+
+    Attributes:
+        steps: The plans.
+    """
+
+    steps: tuple[Step, ...] = ()
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        prune: tuple[str, ...] | None = None,
+        strategy: str = "static",
+        coverage: float = 0.99,
+        width: float | None = None,
+        mode: str = "attn+mlp",
+        order: str = "first",
+        seed: int = 0,
+    ) -> Variant:
+        """Prune-then-slim variant from keyword arguments (either part optional)."""
+        steps: list[Step] = []
+        if prune is not None:
+            steps.append(PrunePlan(tuple(prune), strategy=strategy, coverage=coverage))
+        if width is not None:
+            steps.append(SlimPlan(width, mode=mode, order=order, seed=seed))
+        return cls(tuple(steps))
+
+    @property
+    def key(self) -> str:
+        """``base``, or the steps' keys joined by ``+`` (``prune[sar]+slim[0.5,mlp,first]``)."""
+        return "+".join(step_key(s) for s in self.steps) or "base"
+
+    @property
+    def operator(self) -> str:
+        """``none``, ``prune``, ``slim`` or ``prune+slim``."""
+        names = ["prune" if isinstance(s, PrunePlan) else "slim" for s in self.steps]
+        return "+".join(names) or "none"
+
+    @property
+    def prune(self) -> PrunePlan | None:
+        """The pruning step, if any."""
+        return next((s for s in self.steps if isinstance(s, PrunePlan)), None)
+
+    @property
+    def slim(self) -> SlimPlan | None:
+        """The slimming step, if any."""
+        return next((s for s in self.steps if isinstance(s, SlimPlan)), None)
+
+    @property
+    def width(self) -> float | None:
+        """The slimming width, or ``None`` for an unslimmed variant."""
+        return self.slim.s if self.slim is not None else None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Variant) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work whose rows are written together.
+
+    Attributes:
+        kind: ``cost`` (the cost measurements) or ``eval`` (probes and feature measures).
+        model: Model label.
+        variant: The operator chain.
+        modalities: Modalities fed.
+        task: Task (``eval`` cells).
+        seed: Seed (``eval`` cells).
+    """
+
+    kind: Literal["cost", "eval"]
+    model: str
+    variant: Variant
+    modalities: tuple[str, ...]
+    task: str = ""
+    seed: int = -1
+
+    def cell_id(self, study: Study) -> str:
+        """Stable id from everything that determines the cell's rows."""
+        cfg = study.models[self.model]
+        payload = {
+            "study": study.name,
+            "kind": self.kind,
+            "model": self.model,
+            # which widths and operators a model gets decides which cells exist, not the rows
+            # of this one (its variant key holds its own width), so adding widths reruns nothing
+            "model_cfg": cfg.model_dump(
+                mode="json", exclude={"slim_widths", "slim_set_widths", "operators"}
+            ),
+            "weights": checkpoint_fingerprint(cfg.source) if cfg.is_checkpoint else "",
+            "variant": self.variant.key,
+            "slim_seed": study.operators.slim.seed if study.operators.slim else 0,
+            "prune": study.operators.prune.model_dump(mode="json")
+            if study.operators.prune
+            else None,
+            "modalities": list(self.modalities),
+            "task": self.task,
+            "seed": self.seed,
+        }
+        if self.kind == "eval":
+            payload |= {
+                "data": study.data.model_dump(mode="json"),
+                "protocols": list(study.protocols),
+                "knn_k": study.knn_k,
+                "finetune": study.finetune.model_dump(mode="json"),
+                "measure": sorted(selected(study.measurements, "eval")),
+                "attribution_samples": study.attribution_samples,
+            }
+        else:
+            payload |= {
+                "measure": sorted(selected(study.measurements, "cost")),
+                "slim_widths": cfg.slim_widths,
+                "latency": study.latency.model_dump(mode="json"),
+            }
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:20]
+
+    def describe(self) -> str:
+        """One line for progress bars and the dry-run listing."""
+        where = f" {self.task} seed {self.seed}" if self.kind == "eval" else ""
+        return f"{self.kind:4s} {self.model} {self.variant.key} @{'+'.join(self.modalities)}{where}"
+
+
+def sorted_modalities(declared: tuple[str, ...]) -> tuple[str, ...]:
+    """A model's modalities in the default modality order (others keep their order)."""
+    return tuple(m for m in DEFAULT_MODALITIES if m in declared) or declared
+
+
+def _variants(study: Study, cfg: ModelConfig, mods: tuple[str, ...]) -> list[tuple[Variant, tuple]]:
+    out: list[tuple[Variant, tuple[str, ...]]] = [(Variant(), mods)]
+    prune = study.operators.prune if "prune" in cfg.operators else None
+    slim = study.operators.slim if "slim" in cfg.operators else None
+    slim_seed = study.operators.slim.seed if study.operators.slim else 0
+    # Input-restricted references exist for every prune set, even where pruning does not apply.
+    sets = study.operators.prune.expanded(mods) if study.operators.prune is not None else []
+    sets = [s for s in sets if s != mods]
+    plans = prune.plans() if prune is not None else []
+    default_cov = prune.coverage if prune is not None else 0.99
+
+    def pruned(s: tuple[str, ...], strategy: str, coverage: float | None) -> PrunePlan:
+        return PrunePlan(s, strategy=strategy, coverage=default_cov if coverage is None else coverage)
+
+    for s in sets:
+        out.append((Variant(), s))
+        if prune is not None and cfg.role == "mapex":
+            out += [(Variant((pruned(s, st, c),)), s) for st, c in plans]
+    if slim is not None:
+        # widths on all the model's modalities, and widths on each prune set's modalities
+        # (``modality_sets`` repeats the former there; ``slim_set_widths`` adds its own)
+        base_widths = (
+            [w for w in slim.width_list(override=cfg.slim_widths) if w < 1.0]
+            if "base" in slim.apply_to
+            else []
+        )
+        set_widths = list(base_widths) if slim.modality_sets else []
+        set_widths += [w for w in cfg.slim_set_widths or [] if w < 1.0 and w not in set_widths]
+        pruned_widths = (
+            [w for w in slim.width_list(pruned=True) if w < 1.0]
+            if "pruned" in slim.apply_to and prune is not None and cfg.role == "mapex"
+            else []
+        )
+        for mode in slim.modes:
+            for order in slim.orders:
+
+                def slimmed(w: float, mode: str = mode, order: str = order) -> SlimPlan:
+                    return SlimPlan(w, mode=mode, order=order, seed=slim_seed)
+
+                out += [(Variant((slimmed(w),)), mods) for w in base_widths]
+                out += [(Variant((slimmed(w),)), s) for w in set_widths for s in sets]
+                st0, c0 = plans[0] if plans else ("static", None)
+                out += [(Variant((pruned(s, st0, c0), slimmed(w))), s)
+                        for w in pruned_widths for s in sets]  # fmt: skip
+    return out
+
+
+def plan_grid(study: Study, modalities: dict[str, tuple[str, ...]] | None = None) -> list[Cell]:
+    """Every cell of the study, cost cells first, in a stable order.
+
+    Args:
+        study: The validated study.
+        modalities: Model label -> its modalities; default: read from each built model.
+
+    Returns:
+        The cells.
+    """
+    modalities = dict(modalities or {})
+    for label, cfg in study.models.items():
+        if label not in modalities:
+            modalities[label] = sorted_modalities(modalities_of(build_base(cfg)))
+    want_cost = bool(selected(study.measurements, "cost"))
+    cost: list[Cell] = []
+    evals: list[Cell] = []
+    for label, cfg in study.models.items():
+        for variant, mods in _variants(study, cfg, modalities[label]):
+            if want_cost:
+                cost.append(Cell("cost", label, variant, mods))
+            for task in study.tasks:
+                for seed in study.seeds:
+                    evals.append(Cell("eval", label, variant, mods, task, seed))
+    return cost + evals

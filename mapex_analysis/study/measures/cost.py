@@ -1,0 +1,69 @@
+"""Cost measurements: MACs, parameters, latency, and what a pruning step kept."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mapex_analysis.measure.cost import example_inputs
+from mapex_analysis.measure.latency import measure_latency
+from mapex_analysis.measure.macs import count_macs
+from mapex_analysis.measure.params import count_params
+from mapex_analysis.ops.record import op_reports
+from mapex_analysis.study.measures.base import CostInputs
+
+__all__ = ["latency_rows", "macs_rows", "params_rows", "pruning_rows"]
+
+
+def macs_rows(m: CostInputs) -> list[dict[str, Any]]:
+    """MACs of one sample fed the cell's modalities."""
+    inputs = example_inputs(m.model, batch_size=1, modalities=m.cell.modalities)
+    rep = count_macs(m.model, inputs, cross_check=False)
+    return [m.row | {"metric": "macs", "value": float(rep.total), "unit": "MACs"}]
+
+
+def params_rows(m: CostInputs) -> list[dict[str, Any]]:
+    """Total parameters, and the parameters active for the fed modalities."""
+    prm = count_params(m.model, m.cell.modalities)
+    return [
+        m.row | {"metric": "params_total", "value": float(prm.total), "unit": "parameters"},
+        m.row | {"metric": "params_active", "value": float(prm.active), "unit": "parameters"},
+    ]
+
+
+def pruning_rows(m: CostInputs) -> list[dict[str, Any]]:
+    """Experts kept and the calibration traffic the removed experts carried (pruned variants;
+    written by every cost cell of a pruned variant, whatever the study measures)."""
+    reports = [r for r in op_reports(m.model) if "traffic_to_removed" in r]
+    if m.cell.variant.prune is None or not reports:
+        return []
+    rep = reports[-1]
+    kept = sum(len(r["kept"]) for r in rep["layers"])
+    before = sum(r["experts_before"] for r in rep["layers"])
+    rows = [
+        m.row | {"metric": "experts_kept", "value": float(kept), "unit": "experts"},
+        m.row | {"metric": "experts_kept_share", "value": kept / before, "unit": "fraction"},
+    ]
+    traffic = rep.get("traffic_to_removed")
+    if traffic is not None:
+        rows.append(m.row | {"metric": "traffic_to_removed", "value": float(traffic["overall"]),
+                             "unit": "fraction of calibration assignments"})  # fmt: skip
+    return rows
+
+
+def latency_rows(m: CostInputs) -> list[dict[str, Any]]:
+    """Median latency and throughput per batch size (slimmed variants only at the widths
+    ``latency.widths`` names, when it names any)."""
+    lat = m.study.latency
+    width = m.cell.variant.width
+    if width is not None and lat.widths is not None and width not in lat.widths:
+        return []
+    inputs = example_inputs(m.model, batch_size=max(lat.batch_sizes), modalities=m.cell.modalities)
+    rep = measure_latency(m.model, inputs, warmup=lat.warmup, repeats=lat.repeats,
+                          batch_sizes=lat.batch_sizes, threads=lat.threads)  # fmt: skip
+    rows = []
+    for p in rep.points:
+        rows.append(m.row | {"metric": "latency_median", "value": p.median_ms, "unit": "ms",
+                             "batch_size": p.batch_size})  # fmt: skip
+        rows.append(m.row | {"metric": "throughput", "value": p.throughput,
+                             "unit": "samples/s", "batch_size": p.batch_size})  # fmt: skip
+    return rows
