@@ -11,20 +11,20 @@ from typing import Any
 
 import pytest
 import torch
+from fixtures.inputs import modality_batch
 from safetensors.torch import save_file
 from torch import Tensor
 from torchgeo.models.croma import get_2dalibi
 
+from mapex_analysis.factory import create_model, model_table
 from mapex_analysis.modalities import (
     BandError,
     ModalityError,
     bands_of,
-    get_modality,
     normalize,
 )
 from mapex_analysis.models.adapters import WeightsError
 from mapex_analysis.models.adapters.croma import alibi_bias
-from mapex_analysis.factory import create_model, model_table
 
 B = 2
 OPT = ["rgb", "red_edge", "nir", "swir"]
@@ -32,13 +32,7 @@ OPT = ["rgb", "red_edge", "nir", "swir"]
 
 def _batch(mods: list[str], size: int, seed: int = 0) -> dict[str, Tensor]:
     """Inputs in physical units: band mean + std * N(0, 1)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for m in mods:
-        mod = get_modality(m)
-        z = torch.randn(B, mod.num_bands, size, size, generator=g)
-        out[m] = mod.mean.view(1, -1, 1, 1) + mod.std.view(1, -1, 1, 1) * z
-    return out
+    return modality_batch(mods, size, B=B, seed=seed)
 
 
 def _std(value: float, mean: float, std: float) -> float:

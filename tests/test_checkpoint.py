@@ -7,22 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.inputs import modality_batch
 
-from mapex_analysis.modalities import get_modality
 from mapex_analysis.checkpoint import CheckpointError, load_model, save_model
 from mapex_analysis.factory import create_model
 
 
 def _batch(model: torch.nn.Module, B: int = 2) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    out = {}
-    for m in model.modalities:
-        bands = get_modality(m).band_objects
-        mean = torch.tensor([b.mean for b in bands]).view(1, -1, 1, 1)
-        std = torch.tensor([b.std for b in bands]).view(1, -1, 1, 1)
-        size = model.img_size
-        out[m] = mean + 0.5 * std * torch.randn(B, len(bands), size, size, generator=g)
-    return out
+    return modality_batch(model.modalities, model.img_size, B=B, seed=1, noise=0.5)
 
 
 @pytest.mark.parametrize(

@@ -347,25 +347,48 @@ def test_count_params_errors_name_the_valid_modalities() -> None:
 
 
 def test_cli_macs_prints_macs_flops_ops_cross_check_and_params() -> None:
-    # timm ViT-Ti/16 at 224 px (D = 192, 3 heads, 12 blocks, MLP 768, N = 197):
-    #   linears 12 * 197 * 192 * (576 + 192 + 768 + 768) + head 192 * 1000 = 1,045,949,952
+    # timm ViT-Ti/16 at 224 px behind the adapter contract (headless encoder, RGB; D = 192,
+    # 3 heads, 12 blocks, MLP 768, N = 197):
+    #   linears 12 * 197 * 192 * (576 + 192 + 768 + 768) = 1,045,757,952 (no classifier)
     #   conv 196 * 192 * 768 = 28,901,376;  attention 12 * 2 * 197^2 * 192 = 178,831,872
-    #   norms 25 * 197 * 192 * 5 = 4,728,000;  total 1,258,411,200 MACs, 2,516,822,400 FLOPs
+    #   norms 25 * 197 * 192 * 5 = 4,728,000;  total 1,258,219,200 MACs, 2,516,438,400 FLOPs
+    #   parameters: timm's 5,717,416 less the 1000-class head (192,000 + 1,000) = 5,524,416
     result = CliRunner().invoke(main, ["macs", "timm/vit_tiny_patch16_224"])
     assert result.exit_code == 0, result.output
     out = " ".join(result.output.split())
-    assert "total: 1,258,411,200 MACs = 1.258 G MACs" in out
-    assert "FLOPs = 2 x MACs = 2.517 G FLOPs" in out
+    assert "total: 1,258,219,200 MACs = 1.258 G MACs" in out
+    assert "FLOPs = 2 x MACs = 2.516 G FLOPs" in out
+    assert "linear │ 1,045,757,952" in out
     assert "scaled_dot_product_attention │ 178,831,872" in out
     assert "aten::gelu x12" in out
+    # the input normalisation ((x - mean) / std) is elementwise: listed, not counted
+    assert "aten::sub x1" in out and "aten::div x1" in out
     assert "relative difference 0.0000%" in out
-    assert "parameters: 5,717,416 total" in out
+    assert "parameters: 5,524,416 total" in out
 
 
 def test_cli_macs_unknown_modality_is_an_error() -> None:
     result = CliRunner().invoke(main, ["macs", "timm/vit_tiny_patch16_224", "--modalities", "sar"])
     assert result.exit_code == 2
-    assert "VisionTransformer declares no modalities; cannot feed ['sar']" in result.output
+    assert "TimmModelAdapter has no modality ['sar']; valid: rgb" in result.output
+
+
+def test_timm_source_means_the_same_in_a_study_and_on_the_command_line() -> None:
+    from mapex_analysis.factory import create_model
+    from mapex_analysis.models.registry import UnknownModelError, resolve_source
+    from mapex_analysis.study.schema import StudyError, parse_study
+
+    assert resolve_source("timm/vit_tiny_patch16_224").kind == "timm"
+    study = parse_study({"name": "t", "tasks": ["landcover"], "models": {
+        "v": {"source": "timm/vit_tiny_patch16_224", "role": "dense",
+              "kwargs": {"img_size": 32, "patch_size": 8}}}})  # fmt: skip
+    assert not study.models["v"].is_checkpoint
+    model = create_model("timm/vit_tiny_patch16_224", img_size=32, patch_size=8)
+    assert model.modalities == ("rgb",) and model.num_features == 192
+    with pytest.raises(UnknownModelError, match="Unknown model"):
+        create_model("timm/no_such_architecture")
+    with pytest.raises(StudyError, match="models.v.source: checkpoint directory 'models/none'"):
+        parse_study({"name": "t", "tasks": ["landcover"], "models": {"v": {"source": "models/none"}}})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,8 +539,8 @@ MAPEX_TEST_SAR_B2 = 206_656
 
 @pytest.mark.parametrize("router", ["modality", "deterministic"])
 def test_mapex_pruned_to_one_modality_counts_the_same_on_it(router: str) -> None:
-    from mapex_analysis.measure.cost import example_inputs
     from mapex_analysis.factory import create_model
+    from mapex_analysis.measure.cost import example_inputs
     from mapex_analysis.ops import prune_experts
 
     torch.manual_seed(0)
@@ -539,8 +562,8 @@ def test_mapex_pruned_to_one_modality_counts_the_same_on_it(router: str) -> None
 
 
 def test_mapex_per_modality_breakdown_and_active_params() -> None:
-    from mapex_analysis.measure.cost import example_inputs
     from mapex_analysis.factory import create_model
+    from mapex_analysis.measure.cost import example_inputs
 
     torch.manual_seed(0)
     model = create_model("mapex_test").eval()

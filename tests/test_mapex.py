@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures.inputs import modality_batch
 
-from mapex_analysis.modalities import BANDS, BandError, ModalityError, get_modality
 from mapex_analysis.factory import create_model
+from mapex_analysis.modalities import BANDS, BandError, ModalityError
 
 
 def _batch(model: torch.nn.Module, B: int = 2, mods: tuple[str, ...] | None = None):
     """Physical-unit inputs: band mean plus 0.5 band std of noise."""
-    g = torch.Generator().manual_seed(0)
-    size = model.img_size
-    out = {}
-    for m in mods or model.modalities:
-        bands = get_modality(m).band_objects
-        mean = torch.tensor([b.mean for b in bands]).view(1, -1, 1, 1)
-        std = torch.tensor([b.std for b in bands]).view(1, -1, 1, 1)
-        out[m] = mean + 0.5 * std * torch.randn(B, len(bands), size, size, generator=g)
-    return out
+    return modality_batch(mods or model.modalities, model.img_size, B=B, seed=0, noise=0.5)
 
 
 def _n_params(model: torch.nn.Module) -> int:

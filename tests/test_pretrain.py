@@ -16,11 +16,11 @@ import yaml
 from click.testing import CliRunner
 from pydantic import ValidationError
 
+from mapex_analysis.checkpoint import load_model
 from mapex_analysis.cli import main
 from mapex_analysis.data import SynthEO
-from mapex_analysis.checkpoint import load_model
-from mapex_analysis.models.mae import MaskedAutoencoder, patchify
 from mapex_analysis.factory import create_model
+from mapex_analysis.models.mae import MaskedAutoencoder, patchify
 from mapex_analysis.models.registry import UnknownModelError
 from mapex_analysis.train.evaluation import (
     KnnMonitor,

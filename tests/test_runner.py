@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -157,10 +158,17 @@ def test_resume_skips_finished_cells(reference: tuple[Study, RunSummary]) -> Non
     table1 = read_results(study.study_dir)
     # A cell file of an earlier config is removed, so the table stays this config's.
     write_cell(study.study_dir, "0" * 20, [{"study": "smoke", "metric": "macs", "value": 1.0}])
-    partial = study.study_dir / "cells" / ".1234.parquet.x.tmp"  # a write killed mid-file
-    partial.write_bytes(b"PAR1")
+    dead = subprocess.Popen(["true"])  # a writer that is gone (as one killed mid-write)
+    dead.wait()
+    host = socket.gethostname().replace(".", "_").replace("-", "_")
+    partial = study.study_dir / "cells" / f".1234.parquet.{host}-{dead.pid}.x.tmp"
+    live = study.study_dir / "cells" / f".5678.parquet.{host}-{os.getpid()}.y.tmp"
+    for p in (partial, live):
+        p.write_bytes(b"PAR1")
     second = run_study(study)
     assert not partial.exists()  # swept at the end of the run
+    assert live.exists()  # a live writer's file (another run on the same folder) is kept
+    live.unlink()
     assert second.ran == 0 and second.skipped == first.cells
     assert "0" * 20 not in finished_cells(study.study_dir)
     pd.testing.assert_frame_equal(table1, read_results(study.study_dir))

@@ -28,8 +28,7 @@ from typing import Any
 from torch import nn
 
 from mapex_analysis.modalities import ModalityError
-from mapex_analysis.models.contract import moe_layers, num_params
-from mapex_analysis.models.moe import MoEMLP
+from mapex_analysis.models.contract import is_moe_layer, moe_layers, num_params
 
 __all__ = ["ParamsReport", "count_params", "parameter_owners", "routed_active_params"]
 
@@ -99,7 +98,7 @@ def parameter_owners(model: nn.Module) -> dict[int, tuple[int, str | None]]:
             owners[id(p)] = (p.numel(), owner)
 
     for name, module in model.named_modules():
-        if isinstance(module, MoEMLP):
+        if is_moe_layer(module):
             experts, groups = module.experts, list(module.expert_groups)
             if len(groups) != len(experts):
                 raise ValueError(

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from mapex_analysis.models.moe import MoEMLP
 
-__all__ = ["FoundationModel", "is_moe", "modalities_of", "moe_layers", "num_params", "take_indices"]
+__all__ = ["FoundationModel", "is_moe", "is_moe_layer", "modalities_of", "moe_layers", "num_params", "take_indices"]
 
 Indices = int | Sequence[int] | None
 
@@ -114,6 +114,16 @@ def take_indices(depth: int, indices: Indices) -> list[int]:
     return sorted(set(take))
 
 
+def is_moe_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a mixture-of-experts MLP: routed ``experts`` (a ModuleList) with
+    one ``expert_groups`` label (modality or ``"shared"``) per expert, as
+    :class:`~mapex_analysis.models.moe.MoEMLP` has (duck-typed, so counters accept other MoE
+    layers of that shape)."""
+    return isinstance(getattr(module, "experts", None), nn.ModuleList) and isinstance(
+        getattr(module, "expert_groups", None), list | tuple
+    )
+
+
 def moe_layers(model: nn.Module) -> dict[str, MoEMLP]:
     """The mixture-of-experts MLPs of a model's blocks.
 
@@ -129,7 +139,7 @@ def moe_layers(model: nn.Module) -> dict[str, MoEMLP]:
     return {
         f"blocks.{i}.mlp": cast(MoEMLP, blk.mlp)
         for i, blk in enumerate(blocks)
-        if isinstance(getattr(blk, "mlp", None), MoEMLP)
+        if is_moe_layer(getattr(blk, "mlp", nn.Identity()))
     }
 
 

@@ -29,9 +29,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from distributed import Client, LocalCluster, as_completed
-from distributed.diagnostics.plugin import WorkerPlugin
-
 from mapex_analysis.study.schema import ExecutionConfig, Study, cluster_kind
 
 __all__ = [
@@ -107,23 +104,6 @@ def job_script(
     return str(job.job_script())
 
 
-class GpuPerWorker(WorkerPlugin):
-    """Sets ``CUDA_VISIBLE_DEVICES`` to GPU ``i mod gpus`` on worker ``i`` (see
-    :func:`gpu_per_worker`)."""
-
-    name = "mapex-gpu-per-worker"
-
-    def __init__(self, gpus: int) -> None:
-        self.gpus = gpus
-
-    def setup(self, worker: Any) -> None:
-        try:
-            index = int(worker.name)
-        except (TypeError, ValueError):
-            index = sum(map(ord, str(worker.name)))
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(index % self.gpus)
-
-
 def gpu_per_worker(gpus: int) -> Any:
     """A Dask worker plugin: worker ``i`` of a local cluster sees GPU ``i mod gpus`` only.
 
@@ -137,7 +117,19 @@ def gpu_per_worker(gpus: int) -> Any:
     Returns:
         A ``distributed.WorkerPlugin``.
     """
-    return GpuPerWorker(gpus)
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class GpuPerWorker(WorkerPlugin):
+        name = "mapex-gpu-per-worker"
+
+        def setup(self, worker: Any) -> None:
+            try:
+                index = int(worker.name)
+            except (TypeError, ValueError):
+                index = sum(map(ord, str(worker.name)))
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+
+    return GpuPerWorker()
 
 
 @contextmanager
@@ -158,6 +150,12 @@ def dask_client(execution: ExecutionConfig) -> Iterator[Any]:
     kind, workers = cluster_kind(execution.cluster)
     if kind == "serial":
         raise ValueError("a serial study runs without a Dask client")
+    try:
+        from distributed import Client, LocalCluster
+    except ModuleNotFoundError as err:  # pragma: no cover - distributed is a core dependency
+        raise ModuleNotFoundError(
+            f"--cluster {execution.cluster} needs dask.distributed: pip install distributed"
+        ) from err
     cluster: Any = None
     env = {"OMP_NUM_THREADS": str(execution.threads_per_worker)}
     if kind == "local":
@@ -214,6 +212,8 @@ def run_on_dask(
     Returns:
         Cells computed by this run (cells another run wrote first are not counted).
     """
+    from distributed import as_completed
+
     if not pending:
         return 0
     t0 = time.perf_counter()

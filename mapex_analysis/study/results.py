@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
-from mapex_analysis.files import atomic_write
+from mapex_analysis.files import atomic_write, remove_orphaned_temp_files
 
 __all__ = [
     "COLUMNS",
@@ -149,10 +149,8 @@ def finished_cells(study_dir: str | Path) -> set[str]:
 
 
 def remove_partial_files(study_dir: str | Path) -> list[Path]:
-    """Delete the temporary files that writers killed mid-write left in ``cells/``.
-
-    Call only when no writer is running (the end of a run): a partial file never counts as a
-    result, and the cell it belonged to has been recomputed by then.
+    """Delete the temporary cell files that killed writers left in ``cells/`` (a partial file
+    never counts as a result; files of writers still running are kept).
 
     Args:
         study_dir: The study's output folder.
@@ -160,15 +158,10 @@ def remove_partial_files(study_dir: str | Path) -> list[Path]:
     Returns:
         The removed files.
     """
-    folder = Path(study_dir) / "cells"
-    if not folder.is_dir():
-        return []
-    partial = sorted(folder.glob(".*.tmp"))
-    for p in partial:
-        p.unlink(missing_ok=True)
-    if partial:
-        logger.warning("removed %d partial cell files left by killed writers", len(partial))
-    return partial
+    removed = remove_orphaned_temp_files(Path(study_dir) / "cells")
+    if removed:
+        logger.warning("removed %d partial cell files left by killed writers", len(removed))
+    return removed
 
 
 def write_cell(study_dir: str | Path, cell_id: str, rows: Iterable[Mapping[str, Any]]) -> Path:

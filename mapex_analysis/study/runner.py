@@ -209,6 +209,6 @@ def run_study(
                 ran += 1
             if progress is not None:
                 progress(i + 1, len(cells), cell, done)
-    remove_partial_files(study_dir)  # every writer has finished: a temp file is a killed write
+    remove_partial_files(study_dir)  # temp files of writers killed mid-write
     table = write_table(study_dir)
     return RunSummary(study_dir, len(cells), ran, skipped, len(table), time.perf_counter() - t0)

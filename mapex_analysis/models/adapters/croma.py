@@ -159,6 +159,13 @@ class CROMAAdapter(Adapter):
             return model.s2_encoder.transformer
         return model.joint_encoder
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The active encoder's transformer layers (``[attention, feed-forward]`` pairs, not
+        timm blocks: width slimming does not apply to CROMA)."""
+        layers: nn.ModuleList = self._encoder().layers
+        return layers
+
     def _intermediate_points(self) -> list[tuple[nn.Module, Literal["in", "out"]]]:
         # Layer i's output is the input of layer i + 1's self-attention; the last one's is the
         # input of the final norm (the residual sum is never a module output of its own).
