@@ -37,10 +37,10 @@ import timm
 import torch
 from torch import nn
 
+from mapex_analysis.factory import create_model
 from mapex_analysis.measure.cost import example_inputs
 from mapex_analysis.measure.latency import measure_latency
 from mapex_analysis.measure.macs import count_macs
-from mapex_analysis.factory import create_model
 from mapex_analysis.ops.prune import prune_experts
 
 #: The trained study model (written by the MAPEX pretraining run), benchmarked by default.

@@ -388,7 +388,9 @@ def test_timm_source_means_the_same_in_a_study_and_on_the_command_line() -> None
     with pytest.raises(UnknownModelError, match="Unknown model"):
         create_model("timm/no_such_architecture")
     with pytest.raises(StudyError, match="models.v.source: checkpoint directory 'models/none'"):
-        parse_study({"name": "t", "tasks": ["landcover"], "models": {"v": {"source": "models/none"}}})
+        parse_study(
+            {"name": "t", "tasks": ["landcover"], "models": {"v": {"source": "models/none"}}}
+        )
 
 
 # ---------------------------------------------------------------------------------------------

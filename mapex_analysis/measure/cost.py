@@ -27,6 +27,7 @@ __all__ = ["CostReport", "example_inputs", "measure_cost"]
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class CostReport:
     """MACs and parameters of one model variant.

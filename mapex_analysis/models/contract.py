@@ -32,7 +32,15 @@ from torch import Tensor, nn
 
 from mapex_analysis.models.moe import MoEMLP
 
-__all__ = ["FoundationModel", "is_moe", "is_moe_layer", "modalities_of", "moe_layers", "num_params", "take_indices"]
+__all__ = [
+    "FoundationModel",
+    "is_moe",
+    "is_moe_layer",
+    "modalities_of",
+    "moe_layers",
+    "num_params",
+    "take_indices",
+]
 
 Indices = int | Sequence[int] | None
 

@@ -22,7 +22,6 @@ from mapex_analysis.options import Pool
 __all__ = ["TokenEncoder"]
 
 
-
 class TokenEncoder(nn.Module):
     """Base class: tokenizer + CLS + blocks + norm.
 

@@ -54,7 +54,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-
 def _check_moe(model: nn.Module) -> dict[str, Any]:
     layers = moe_layers(model)
     if not layers:

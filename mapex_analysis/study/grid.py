@@ -192,7 +192,9 @@ def _variants(study: Study, cfg: ModelConfig, mods: tuple[str, ...]) -> list[tup
     default_cov = prune.coverage if prune is not None else 0.99
 
     def pruned(s: tuple[str, ...], strategy: str, coverage: float | None) -> PrunePlan:
-        return PrunePlan(s, strategy=strategy, coverage=default_cov if coverage is None else coverage)
+        return PrunePlan(
+            s, strategy=strategy, coverage=default_cov if coverage is None else coverage
+        )
 
     for s in sets:
         out.append((Variant(), s))

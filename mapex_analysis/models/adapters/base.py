@@ -77,7 +77,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Normalization:
     """How physical units become the upstream model's input: ``(x - mean) / std`` per band.

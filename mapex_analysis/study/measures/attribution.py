@@ -44,7 +44,13 @@ def attribution_rows(m: EvalInputs) -> list[dict[str, Any]]:
 
     att = modality_ablation(true_class_prob, x)
     return [
-        m.row | {"protocol": "attribution", "metric": "true_class_prob_drop",
-                 "value": float(att.values[mod].mean()), "unit": "probability", "subject": mod}  # fmt: skip
+        m.row
+        | {
+            "protocol": "attribution",
+            "metric": "true_class_prob_drop",
+            "value": float(att.values[mod].mean()),
+            "unit": "probability",
+            "subject": mod,
+        }  # fmt: skip
         for mod in att.modalities
     ]

@@ -24,7 +24,12 @@ def redundancy_rows(m: EvalInputs) -> list[dict[str, Any]]:
         return []
     red = redundancy_metrics(m.features.test.X)
     return [
-        m.row | {"protocol": "features", "metric": metric, "value": float(getattr(red, metric)),
-                 "unit": unit}  # fmt: skip
+        m.row
+        | {
+            "protocol": "features",
+            "metric": metric,
+            "value": float(getattr(red, metric)),
+            "unit": unit,
+        }  # fmt: skip
         for metric, unit in METRICS.items()
     ]
