@@ -7,9 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
+import torch
 from fixtures.studies import write_smoke
 
+from mapex_analysis.study.results import read_results
 from mapex_analysis.study.runner import run_study
 from mapex_analysis.study.schema import load_study
 
@@ -26,3 +29,17 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Any:
     only read its folder."""
     study = load_study(write_smoke(tmp_path_factory.mktemp("smoke_run")))
     return study, run_study(study)
+
+
+@pytest.fixture(scope="session")
+def smoke_serial_one_thread(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    """The results table of the smoke study run serially with one torch thread (what each
+    Dask worker and an ``OMP_NUM_THREADS=1`` command line use), for bit-identity checks."""
+    study = load_study(write_smoke(tmp_path_factory.mktemp("smoke_1thread")))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_study(study)
+    finally:
+        torch.set_num_threads(threads)
+    return read_results(study.study_dir).reset_index(drop=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner, Result
+from fixtures.studies import write_smoke
 
 from mapex_analysis.cli import main
 from mapex_analysis.study.results import read_results
@@ -27,12 +28,7 @@ def cli(*args: str) -> Result:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("e2e")
-    doc = yaml.safe_load((ROOT / "studies" / "smoke.yaml").read_text())
-    doc["output_dir"] = str(tmp / "reports")
-    path = tmp / "smoke.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    return write_smoke(tmp_path_factory.mktemp("e2e"))
 
 
 def test_run_and_report_numbers_match_table(smoke: Path) -> None:

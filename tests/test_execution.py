@@ -16,7 +16,7 @@ import pandas as pd
 import psutil
 import pytest
 import torch
-import yaml
+from fixtures.studies import write_smoke
 
 from mapex_analysis.study.execution import cluster_kind, job_script
 from mapex_analysis.study.results import cell_file_problem, finished_cells, read_results
@@ -28,13 +28,7 @@ CLI = [str(Path(sys.executable).with_name("mapex-study"))]
 
 
 def _smoke(tmp_path: Path, **execution: object) -> Path:
-    doc = yaml.safe_load((ROOT / "studies" / "smoke.yaml").read_text())
-    doc["output_dir"] = str(tmp_path / "reports")
-    if execution:
-        doc["execution"] = execution
-    path = tmp_path / "smoke.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    return write_smoke(tmp_path, **({"execution": execution} if execution else {}))
 
 
 def _rows(folder: Path) -> pd.DataFrame:
@@ -42,16 +36,9 @@ def _rows(folder: Path) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def serial(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+def serial(smoke_serial_one_thread: pd.DataFrame) -> pd.DataFrame:
     """The smoke study run serially with one torch thread (what each Dask worker uses)."""
-    study = load_study(_smoke(tmp_path_factory.mktemp("serial")))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_study(study)
-    finally:
-        torch.set_num_threads(threads)
-    return _rows(study.study_dir)
+    return smoke_serial_one_thread
 
 
 def _env() -> dict[str, str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
+from fixtures.studies import write_smoke
 
 from mapex_analysis.study.results import finished_cells, read_results, write_cell
 from mapex_analysis.study.runner import RunSummary, Variant, plan_grid, run_study
@@ -20,15 +20,6 @@ from mapex_analysis.study.schema import Study, load_study, parse_study
 
 ROOT = Path(__file__).resolve().parents[1]
 SIX = ("rgb", "red_edge", "nir", "swir", "sar", "ele")
-
-
-def smoke_copy(tmp_path: Path) -> Path:
-    """studies/smoke.yaml with its output redirected into ``tmp_path``."""
-    doc = yaml.safe_load((ROOT / "studies" / "smoke.yaml").read_text())
-    doc["output_dir"] = str(tmp_path / "reports")
-    path = tmp_path / "smoke.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
 
 
 def test_variant_keys() -> None:
@@ -146,10 +137,9 @@ def test_cell_files_union_without_duplicates(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Study, RunSummary]:
-    """One uninterrupted run of the smoke study, shared by the tests below."""
-    study = load_study(smoke_copy(tmp_path_factory.mktemp("ref")))
-    return study, run_study(study)
+def reference(smoke_run: tuple[Study, RunSummary]) -> tuple[Study, RunSummary]:
+    """The session's uninterrupted run of the smoke study (conftest), shared below."""
+    return smoke_run
 
 
 def test_resume_skips_finished_cells(reference: tuple[Study, RunSummary]) -> None:
@@ -204,19 +194,16 @@ def _drop_cell_col(df: pd.DataFrame) -> pd.DataFrame:
 
 @pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(
-    tmp_path: Path, reference: tuple[Study, RunSummary]
+    tmp_path: Path, reference: tuple[Study, RunSummary], smoke_serial_one_thread: pd.DataFrame
 ) -> None:
     # the uninterrupted run uses the same thread count as the killed one, so that every value
     # (not just every row) must come out bit-identical
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    (tmp_path / "uninterrupted").mkdir()
-    ref_path = smoke_copy(tmp_path / "uninterrupted")
     run = [sys.executable, "-m", "mapex_analysis.cli", "run"]
-    subprocess.run([*run, str(ref_path)], cwd=ROOT, env=env, capture_output=True, check=True)
-    expected = read_results(load_study(ref_path).study_dir)
+    expected = smoke_serial_one_thread
     assert len(expected) == len(read_results(reference[0].study_dir))
 
-    path = smoke_copy(tmp_path)
+    path = write_smoke(tmp_path)
     study = load_study(path)
     n_cells = len(plan_grid(study))
     cmd = [*run, str(path)]
