@@ -6,11 +6,27 @@ The CLI owns user-facing output (rich tables, progress bars); the library logs.
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 
 import click
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+
+from mapex_analysis.data.tasks import task_table
+from mapex_analysis.models.registry import UnknownModelError
+from mapex_analysis.study.execution import job_script
+from mapex_analysis.study.schema import StudyError, load_study
 
 console = Console()
 
@@ -49,8 +65,6 @@ def list_modalities() -> None:
 @list_.command("tasks")
 def list_tasks_cmd() -> None:
     """SynthEO tasks: label kind, number of classes, default cloud probability."""
-    from mapex_analysis.data.tasks import task_table
-
     Console(width=max(console.width, 160)).print(_table(task_table(), "SynthEO tasks"))
 
 
@@ -77,7 +91,6 @@ def macs(model: str, width: float | None, modalities: str | None, batch_size: in
     from mapex_analysis.measure.cost import measure_cost
     from mapex_analysis.measure.macs import MacsError
     from mapex_analysis.modalities import ModalityError
-    from mapex_analysis.models.registry import UnknownModelError
 
     mods = [m.strip() for m in modalities.split(",") if m.strip()] if modalities else None
     try:
@@ -152,10 +165,6 @@ def pretrain_cmd(
     knn_every: int | None,
 ) -> None:
     """Masked-autoencoding pretraining from CONFIG.yaml (studies/pretrain/*.yaml)."""
-    import shlex
-
-    from pydantic import ValidationError
-
     from mapex_analysis.train.evaluation import KnnMonitor
     from mapex_analysis.train.pretrain import pretrain
 
@@ -203,8 +212,6 @@ def pretrain_cmd(
 @click.argument("study", type=click.Path(dir_okay=False))
 def validate(study: str) -> None:
     """Validate a STUDY YAML file (errors name the YAML path and the allowed values)."""
-    from mapex_analysis.study.schema import StudyError, load_study
-
     try:
         cfg = load_study(study)
     except StudyError as err:
@@ -226,17 +233,7 @@ def validate(study: str) -> None:
 )
 def run(study: str, dry_run: bool, fresh: bool, cluster: str | None) -> None:
     """Run a STUDY (resumable: finished cells are skipped), writing reports/<study>/."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     from mapex_analysis.study.runner import iter_pending, plan_grid, run_study
-    from mapex_analysis.study.schema import StudyError, load_study
 
     try:
         cfg = load_study(study)
@@ -285,9 +282,6 @@ def run(study: str, dry_run: bool, fresh: bool, cluster: str | None) -> None:
               help="Batch system (default: the YAML's execution.cluster).")  # fmt: skip
 def job_script_cmd(study: str, kind: str | None) -> None:
     """Print the batch script of one Dask worker of STUDY (what --cluster slurm|pbs submits)."""
-    from mapex_analysis.study.execution import job_script
-    from mapex_analysis.study.schema import StudyError, load_study
-
     try:
         cfg = load_study(study)
         click.echo(job_script(cfg, kind))
@@ -311,8 +305,6 @@ def report(study_dir: str | None) -> None:
 
 
 def _fail(err: Exception) -> None:
-    from rich.markup import escape
-
     console.print(
         f"[bold red]error:[/] {escape(str(err))}", highlight=False, markup=True, soft_wrap=True
     )
