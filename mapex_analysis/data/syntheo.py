@@ -40,7 +40,6 @@ atomically) under a key that hashes the full generation config.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -55,6 +54,7 @@ from scipy.ndimage import gaussian_filter, uniform_filter
 from scipy.special import ndtri
 from torch.utils.data import Dataset
 
+from mapex_analysis.cache import ArrayCache
 from mapex_analysis.data.tasks import (
     LANDCOVER_CLASSES,
     TaskError,
@@ -62,7 +62,6 @@ from mapex_analysis.data.tasks import (
     get_task,
     validate_split,
 )
-from mapex_analysis.files import atomic_write
 from mapex_analysis.modalities import (
     DEFAULT_MODALITIES,
     bands_of,
@@ -210,12 +209,13 @@ class SceneConfig:
     img_size: int
     clouds: float
 
+    def cache_meta(self) -> dict[str, Any]:
+        """What determines the scenes: the config, :data:`GENERATOR_VERSION` and the chunk."""
+        return {**self.__dict__, "version": GENERATOR_VERSION, "chunk": CHUNK}
+
     def key(self) -> str:
-        """SHA-256 (first 20 hex digits) of the config and :data:`GENERATOR_VERSION`."""
-        payload = json.dumps(
-            {**self.__dict__, "version": GENERATOR_VERSION, "chunk": CHUNK}, sort_keys=True
-        )
-        return hashlib.sha256(payload.encode()).hexdigest()[:20]
+        """The cache key of :meth:`cache_meta` (:meth:`ArrayCache.key`)."""
+        return ArrayCache.key(self.cache_meta())
 
 
 def _stream(*parts: object) -> np.random.Generator:
@@ -463,18 +463,15 @@ def default_cache_dir() -> Path:
 def _load_or_generate(cfg: SceneConfig, cache_dir: Path | None) -> dict[str, np.ndarray]:
     if cache_dir is None:
         return generate(cfg)
-    path = cache_dir / f"{cfg.task}-{cfg.split}-{cfg.key()}.npz"
-    if path.exists():
-        try:
-            with np.load(path) as z:
-                logger.debug("SynthEO cache hit %s", path)
-                return {name: z[name] for name in z.files}
-        except (OSError, ValueError) as err:  # a corrupt file is regenerated, not trusted
-            logger.warning("ignoring unreadable SynthEO cache %s: %s", path, err)
+    cache = ArrayCache(cache_dir)
+    meta = cfg.cache_meta()
+    prefix = f"{cfg.task}-{cfg.split}"
+    cached = cache.load(meta, prefix)
+    if cached is not None:
+        logger.debug("SynthEO cache hit %s", cache.path(meta, prefix))
+        return cached
     arrays = generate(cfg)
-    with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        payload: dict[str, Any] = dict(arrays)
-        np.savez(f, **payload)
+    path = cache.save(meta, arrays, prefix)
     logger.info("SynthEO cached %d %s/%s scenes at %s", cfg.n, cfg.task, cfg.split, path)
     return arrays
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mapex_analysis.files import atomic_write
+from mapex_analysis.cache import ArrayCache
 from mapex_analysis.modalities import validate_modalities
 
 __all__ = [
@@ -294,30 +294,6 @@ def _pooled(model: nn.Module, x: Mapping[str, torch.Tensor], pool: str) -> torch
     return pool_tokens(tokens, pool, num_prefix_tokens(model), name=type(model).__name__)
 
 
-def _cache_file(cache_dir: Path, meta: dict[str, Any]) -> Path:
-    digest = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
-    return cache_dir / f"features-{digest}.npz"
-
-
-def _load_cache(path: Path, meta: dict[str, Any]) -> SplitFeatures | None:
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path) as f:
-            if json.loads(str(f["meta"])) != meta:
-                logger.warning("feature cache %s holds other features; recomputing", path)
-                return None
-            return SplitFeatures(f["X"], f["y"])
-    except (OSError, ValueError, KeyError) as err:
-        logger.warning("unreadable feature cache %s (%s); recomputing", path, err)
-        return None
-
-
-def _save_cache(path: Path, meta: dict[str, Any], feats: SplitFeatures) -> None:
-    with atomic_write(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, X=feats.X, y=feats.y, meta=np.array(json.dumps(meta, sort_keys=True)))
-
-
 def _split_inputs(data: Any) -> dict[str, Any]:
     """``{split name: data}`` from one split or a mapping of splits."""
     if isinstance(data, Mapping) and not all(isinstance(v, np.ndarray) for v in data.values()):
@@ -378,7 +354,7 @@ def extract_features(
             arrays = as_arrays(split_data, modalities)
             label = arrays.pop("label", np.zeros(0, dtype=np.int64))
             meta: dict[str, Any] = {}
-            path = None
+            cache = None
             if cache_dir is not None:
                 meta = {
                     "version": _CACHE_VERSION,
@@ -387,11 +363,11 @@ def extract_features(
                     "modalities": list(modalities),
                     "pool": pool,
                 }
-                path = _cache_file(Path(cache_dir), meta)
-                cached = _load_cache(path, meta)
-                if cached is not None:
-                    logger.info("features for split %r from cache %s", split, path)
-                    out[split] = cached
+                cache = ArrayCache(cache_dir)
+                hit = cache.load(meta, "features")
+                if hit is not None:
+                    logger.info("features for split %r from cache %s", split, cache.folder)
+                    out[split] = SplitFeatures(hit["X"], hit["y"])
                     continue
             chunks = []
             with torch.inference_mode():
@@ -399,8 +375,8 @@ def extract_features(
                     chunks.append(_pooled(model, x, pool).float().cpu().numpy())
             feats = SplitFeatures(np.concatenate(chunks, axis=0).astype(np.float32), label)
             logger.info("extracted %s features for split %r", feats.X.shape, split)
-            if path is not None:
-                _save_cache(path, meta, feats)
+            if cache is not None:
+                cache.save(meta, {"X": feats.X, "y": feats.y}, "features")
             out[split] = feats
     finally:
         model.train(was_training)
