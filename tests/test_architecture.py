@@ -201,3 +201,44 @@ def test_every_family_follows_one_contract(name: str) -> None:
         model.forward_intermediates(x, indices=depth + 1)
     with pytest.raises(IndexError, match="out of range"):
         model.forward_intermediates(x, indices=[depth])
+
+
+# ------------------------------------------------------------------ adding a measurement
+
+
+def test_a_new_measurement_is_one_module_and_one_registry_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mapex_analysis.study import measures
+    from mapex_analysis.study.results import read_results
+    from mapex_analysis.study.runner import run_study
+    from mapex_analysis.study.schema import StudyError, parse_study
+
+    doc = {
+        "name": "tokens",
+        "models": {"m": {"source": "mapex_test"}},
+        "data": {"n_train": 10, "n_test": 10, "img_size": 16},
+        "tasks": ["landcover"],
+        "operators": {"prune": {"sets": [["sar"]]}},
+        "protocols": ["knn"],
+        "measurements": ["tokens"],
+        "output_dir": str(tmp_path),
+    }
+    with pytest.raises(StudyError, match=r"measurements\[0\]: unknown measurement 'tokens'"):
+        parse_study(doc)
+    # the one registry line (docs/architecture.md), pointing at the example's module
+    line = measures.Measure("cost", "fixtures.token_measure:tokens_rows", "tokens per sample")
+    monkeypatch.setitem(measures.MEASUREMENTS, "tokens", line)
+    run_study(parse_study(doc))
+    rows = read_results(tmp_path / "tokens")
+    cost = rows[rows.protocol == "cost"]
+    tokens = cost[cost.metric == "tokens"].set_index(["variant", "modalities"])["value"]
+    # mapex_test at 16 px, patch 8: 4 patches per modality plus CLS
+    assert tokens.to_dict() == {
+        ("base", "rgb+red_edge+nir+swir+sar+ele"): 1 + 6 * 4,
+        ("base", "sar"): 1 + 4,
+        ("prune[sar]", "sar"): 1 + 4,
+    }
+    # only the selected measurement ran (plus what a pruning step always reports)
+    assert sorted(cost.metric.unique()) == ["experts_kept", "experts_kept_share", "tokens",
+                                            "traffic_to_removed"]  # fmt: skip
