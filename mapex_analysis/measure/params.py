@@ -7,9 +7,10 @@ Ownership is read from the model's structure (no hooks, no forward pass):
   ``expert_groups`` list naming the modality that owns each routed expert, as
   :class:`mapex_analysis.models.moe.MoEMLP` has) belong to their group's modality;
 * entries of an ``nn.ModuleDict`` / ``nn.ParameterDict`` keyed by modality names (the
-  per-modality patch embeddings, reconstruction heads...) belong to that modality;
-* everything else is shared: attention, norms, shared experts, the router (it scores every
-  expert for every token), position and modality embedding tables.
+  per-modality patch embeddings and modality embeddings, the router's per-modality logit
+  priors, reconstruction heads...) belong to that modality;
+* everything else is shared: attention, norms, shared experts, the router's projection (it
+  scores every expert for every token), the position embedding table.
 
 So for MAPEX the active parameters of modality ``m`` are the shared attention and norms, the
 patch embedding of ``m``, the routed experts of ``m``'s group and the shared experts: what a model

@@ -18,7 +18,7 @@ The objective, split into small steps as in MAE's ``models_mae.py``:
 5. A per-modality linear head predicts each token's patch; the loss is the MSE on masked
    tokens, averaged per modality and then over the present modalities (so a 1-band modality
    weighs as much as a 3-band one). The encoder's MoE load-balance loss is added with weight
-   ``aux_weight``.
+   ``aux_weight`` and its mutual-information loss with weight ``mi_weight``.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class MAEOutput:
             optimised).
         recon_loss: Mean over present modalities of the masked-patch MSE.
         aux_loss: Encoder load-balance loss (0 for dense encoders).
-        mi_loss: Encoder mutual-information loss ``-I(M; E)`` summed over MoE layers, nats (0
+        mi_loss: Encoder mutual-information loss ``-I(M; G)`` (modality vs expert group) summed over MoE layers, nats (0
             for dense encoders and the deterministic router).
         per_modality: Masked-patch MSE of each present modality (detached).
         routing: The encoder's routing information.

@@ -106,8 +106,8 @@ class MAPEX(TokenEncoder):
         top_k: Routed experts per token.
         router: ``deterministic``, ``pos_embed`` or ``modality``.
         prior_init: Initial own-group logit prior of the ``modality`` router.
-        moe_every: Every ``moe_every``-th block (1-based: blocks ``moe_every - 1``,
-            ``2 * moe_every - 1``...) has an MoE; ``1`` = every block.
+        moe_every: Every ``moe_every``-th block has an MoE (0-based block indices
+            ``moe_every - 1``, ``2 * moe_every - 1``...); ``1`` = every block.
         pool: ``"cls"`` or ``"mean"``.
 
     Raises:

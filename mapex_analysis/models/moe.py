@@ -145,7 +145,7 @@ class MoEOutput:
         aux_loss: Scalar Switch load-balance loss of this layer; ``None`` when the caller
             passed ``with_aux=False`` (inference: the loss is a training signal only).
         stats: Routing statistics of this call.
-        mi_loss: Scalar ``-I(M; E)`` (nats) of this layer's router distribution (the
+        mi_loss: Scalar ``-I(M; G)`` (nats; ``G`` the expert group) of this layer's router distribution (the
             Mod-Squad loss); ``None`` with ``with_aux=False`` and 0 for the deterministic
             router.
     """
@@ -163,7 +163,7 @@ class RoutingInfo:
     Attributes:
         aux_loss: Sum of the layers' load-balance losses (scalar).
         stats: One entry per block; ``None`` for blocks without an MoE.
-        mi_loss: Sum of the layers' mutual-information losses ``-I(M; E)`` (scalar, 0 for
+        mi_loss: Sum of the layers' mutual-information losses ``-I(M; G)`` (scalar, 0 for
             encoders without a learned modality-aware router).
     """
 
@@ -319,7 +319,8 @@ class Router(nn.Module):
 def mutual_information_loss(
     probs_t: torch.Tensor, modality_index: torch.Tensor, routed: torch.Tensor, num_modalities: int
 ) -> torch.Tensor:
-    """``-I(M; E)`` in nats of the router distribution over a batch (Mod-Squad's loss).
+    """``-I(M; G)`` in nats between token modality and expert *group* under the router
+    distribution over a batch (Mod-Squad's loss, taken over groups).
 
     Args:
         probs_t: ``(E, T)`` softmax of the logits over the experts each token may use.

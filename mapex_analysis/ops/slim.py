@@ -3,7 +3,8 @@
 Implements the operator of Hackel, Burgert and Demir, "How Much of a Model Do We Need?
 Redundancy and Slimmability in Remote Sensing Foundation Models" (arXiv 2601.22841): one
 factor ``s`` for every block, no retraining. The embedding width ``d``, the number of heads,
-the depth, every norm and the patch embedding stay; in every timm
+the depth, the block and final norms over ``d`` and the patch embedding stay (norms inside a
+sliced layer, e.g. QK norms, are sliced with it); in every timm
 :class:`~timm.layers.Attention` each head keeps ``max(1, floor(s * d_k))`` of its Q, K and V
 dims (the output projection keeps the matching columns) and the attention scale becomes
 ``d_k' ** -0.5``; every timm :class:`~timm.layers.Mlp` keeps ``max(1, floor(s * d_h))`` hidden

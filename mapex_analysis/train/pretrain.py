@@ -87,7 +87,7 @@ class PretrainConfig(BaseModel):
         decoder_heads: MAE decoder heads.
         norm_pix_loss: Standardise target patches.
         aux_weight: Weight of the MoE load-balance loss.
-        mi_weight: Weight of the MoE mutual-information loss ``-I(M; E)`` (Mod-Squad).
+        mi_weight: Weight of the MoE mutual-information loss ``-I(M; G)`` (modality vs expert group) (Mod-Squad).
         batch_size: Per-process batch size.
         max_steps: Optimiser steps.
         lr: Peak AdamW learning rate (per the global batch; not rescaled).
