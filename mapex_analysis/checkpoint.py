@@ -28,6 +28,7 @@ from mapex_analysis.models.contract import num_params
 from mapex_analysis.models.registry import build_registered
 from mapex_analysis.models.weights import load_state_strict
 from mapex_analysis.ops.plan import apply_plan
+from mapex_analysis.ops.record import applied_ops, model_spec
 
 __all__ = ["CheckpointError", "load_model", "save_model"]
 
@@ -75,7 +76,7 @@ def save_model(
     Raises:
         CheckpointError: if the model was not built through the registry.
     """
-    base = getattr(model, "model_spec", None)
+    base = model_spec(model)
     if not base:
         raise CheckpointError(
             f"{type(model).__name__} has no model_spec; build it with create_model() "
@@ -91,7 +92,7 @@ def save_model(
         "format": FORMAT,
         "name": base["name"],
         "kwargs": base.get("kwargs", {}),
-        "ops": list(getattr(model, "applied_ops", [])),
+        "ops": applied_ops(model),
         "sha256": sha256_file(weights),
     }
     atomic_write_text(directory / "spec.json", json.dumps(spec, indent=2, sort_keys=True) + "\n")

@@ -35,6 +35,7 @@ from mapex_analysis.models.registry import (
     list_models,
     resolve_source,
 )
+from mapex_analysis.ops.record import model_spec
 
 __all__ = ["TIMM_PREFIX", "create_model", "model_table"]
 
@@ -78,7 +79,7 @@ def create_model(name: str, *, weights: str | Path | None = None, **overrides: A
     entry = get_entry(source.ref)
     if weights is not None and _is_checkpoint_dir(weights):
         model = load_model(weights)
-        saved = getattr(model, "model_spec", {}).get("name")
+        saved = (model_spec(model) or {}).get("name")
         if saved != name:
             raise ValueError(f"checkpoint {weights} holds model {saved!r}, not {name!r}")
         return model

@@ -42,6 +42,7 @@ from torch import nn
 
 from mapex_analysis.cache import ArrayCache
 from mapex_analysis.modalities import validate_modalities
+from mapex_analysis.ops.record import applied_ops, model_spec
 
 __all__ = [
     "POOLS",
@@ -175,8 +176,8 @@ def data_fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
 def model_fingerprint(model: nn.Module) -> str:
     """A key for a model variant: its spec, applied operators and a SHA-1 of its weights."""
     h = hashlib.sha1()
-    h.update(json.dumps(getattr(model, "model_spec", None), sort_keys=True, default=str).encode())
-    h.update(json.dumps(getattr(model, "applied_ops", None), sort_keys=True, default=str).encode())
+    h.update(json.dumps(model_spec(model), sort_keys=True, default=str).encode())
+    h.update(json.dumps(applied_ops(model) or None, sort_keys=True, default=str).encode())
     for name, t in model.state_dict().items():
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())

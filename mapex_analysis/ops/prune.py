@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from mapex_analysis.modalities import ModalityError
-from mapex_analysis.models.contract import moe_layers, num_params
+from mapex_analysis.models.contract import modalities_of, moe_layers, num_params
 from mapex_analysis.ops.record import record_op
 from mapex_analysis.options import PRUNE_STRATEGIES, PruneStrategy
 
@@ -67,7 +67,7 @@ def _check_moe(model: nn.Module) -> dict[str, Any]:
 
 def _check_modalities(model: nn.Module, modalities: Sequence[str] | str) -> tuple[str, ...]:
     """Validate a modality subset; return it in the model's token order."""
-    own = tuple(getattr(model, "modalities", ()))
+    own = modalities_of(model)
     if isinstance(modalities, str):
         modalities = [modalities]
     wanted = list(modalities)
@@ -322,7 +322,7 @@ def apply_prune_plan(
             )
     out: Any = copy.deepcopy(model)  # a token model: patch_embed / modality_embed dicts
     params_before = num_params(model)
-    dropped = [m for m in getattr(model, "modalities", ()) if m not in mods]
+    dropped = [m for m in modalities_of(model) if m not in mods]
     for m in dropped:
         del out.patch_embed[m]
         del out.modality_embed[m]

@@ -13,12 +13,19 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["applied_ops", "op_reports", "record_op"]
+__all__ = ["applied_ops", "model_spec", "op_reports", "record_op"]
 
 
 def applied_ops(model: nn.Module) -> list[dict[str, Any]]:
     """The plans applied to ``model`` (empty for an unmodified model)."""
     return list(getattr(model, "applied_ops", []))
+
+
+def model_spec(model: nn.Module) -> dict[str, Any] | None:
+    """How the base model was built (``{"name", "kwargs"}``), or ``None`` for a module the
+    factory did not build."""
+    spec = getattr(model, "model_spec", None)
+    return dict(spec) if spec else None
 
 
 def op_reports(model: nn.Module) -> list[dict[str, Any]]:
@@ -43,7 +50,7 @@ def record_op(
     """
     ops = [copy.deepcopy(p) for p in applied_ops(source)]
     reports = op_reports(source)
-    spec = getattr(source, "model_spec", None)
+    spec = model_spec(source)
     setattr(out, "applied_ops", [*ops, copy.deepcopy(plan)])  # noqa: B010
     setattr(out, "op_report", report)  # noqa: B010
     setattr(out, "op_reports", [*reports, report])  # noqa: B010

@@ -143,6 +143,18 @@ class _Strict(BaseModel):
         return data
 
 
+def _known_names(v: list[str], valid: Sequence[str], what: str, label: str) -> list[str]:
+    """``v`` if every entry is in ``valid``; else an error at the first bad entry's index."""
+    for i, name in enumerate(v):
+        if name not in valid:
+            raise PydanticCustomError(
+                f"unknown_{what}",
+                "{msg}",
+                {"index": i, "msg": f"unknown {what} {name!r}; {label}: {', '.join(valid)}"},
+            )
+    return v
+
+
 def _check_widths(v: Any) -> Any:
     if v is None or v == "paper":
         return v
@@ -563,28 +575,13 @@ class Study(_Strict):
     @field_validator("measurements")
     @classmethod
     def _measurements(cls, v: list[str]) -> list[str]:
-        valid = measurement_names()
-        for i, name in enumerate(v):
-            if name not in valid:
-                raise PydanticCustomError(
-                    "unknown_measurement",
-                    "{msg}",
-                    {"index": i, "msg": f"unknown measurement {name!r}; valid: {', '.join(valid)}"},
-                )
-        return v
+        return _known_names(v, measurement_names(), "measurement", "valid")
 
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v: list[str]) -> list[str]:
         valid = [t for t, spec in TASKS.items() if spec.kind != "unlabelled"]
-        for i, t in enumerate(v):
-            if t not in valid:
-                raise PydanticCustomError(
-                    "unknown_task",
-                    "{msg}",
-                    {"index": i, "msg": f"unknown task {t!r}; valid tasks: {', '.join(valid)}"},
-                )
-        return v
+        return _known_names(v, valid, "task", "valid tasks")
 
     @property
     def study_dir(self) -> Path:
