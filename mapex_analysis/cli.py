@@ -10,7 +10,6 @@ import shlex
 import sys
 
 import click
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -195,7 +194,7 @@ def pretrain_cmd(
             command=command,
             callbacks=[monitor] if monitor is not None else [],
         )
-    except (ValidationError, ValueError, TypeError) as err:
+    except (ValueError, TypeError) as err:  # ConfigError is a ValueError
         _fail(err)
         return
     if res.checkpoint_dir is not None:

@@ -14,21 +14,25 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from pydantic import ValidationError
 
 from mapex_analysis.checkpoint import load_model
 from mapex_analysis.cli import main
 from mapex_analysis.data import SynthEO
 from mapex_analysis.factory import create_model
 from mapex_analysis.models.mae import MaskedAutoencoder, patchify
-from mapex_analysis.models.registry import UnknownModelError
 from mapex_analysis.train.evaluation import (
     KnnMonitor,
     LandcoverKnnProbe,
     evaluate_pretraining,
     top_expert_share,
 )
-from mapex_analysis.train.pretrain import PretrainConfig, pretrain
+from mapex_analysis.train.pretrain import (
+    PretrainConfig,
+    PretrainConfigError,
+    load_config,
+    parse_pretrain_config,
+    pretrain,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,18 +131,25 @@ def test_mae_loss_falls_when_fitting_a_fixed_batch(tmp_path: Path) -> None:
 
 
 def test_config_errors_name_the_problem(tmp_path: Path) -> None:
-    with pytest.raises(UnknownModelError, match="unknown model 'mapex_huge'; registered models:"):
-        PretrainConfig.model_validate(_config(tmp_path, model="mapex_huge"))
-    with pytest.raises(ValidationError, match="max_step\n  Extra inputs are not permitted"):
-        PretrainConfig.model_validate(_config(tmp_path, max_step=3))
+    # the same style as study files: one line per problem, naming its YAML path
+    with pytest.raises(
+        PretrainConfigError, match="  model: unknown model 'mapex_huge'; registered"
+    ):
+        parse_pretrain_config(_config(tmp_path, model="mapex_huge"))
+    with pytest.raises(PretrainConfigError, match="  max_step: unknown key 'max_step'; allowed"):
+        parse_pretrain_config(_config(tmp_path, max_step=3))
     doc = _config(tmp_path)
     doc["data"] = {**doc.get("data", {}), "clouds": 1.5}
     with pytest.raises(
-        ValidationError, match=r"data\.clouds\n  Input should be less than or equal to 1"
+        PretrainConfigError, match=r"  data\.clouds: Input should be less than or equal to 1 "
     ):
-        PretrainConfig.model_validate(doc)
+        parse_pretrain_config(doc)
     doc["data"]["clouds"] = 0.0
-    assert PretrainConfig.model_validate(doc).data.clouds == 0.0
+    assert parse_pretrain_config(doc).data.clouds == 0.0
+    with pytest.raises(
+        PretrainConfigError, match="pretraining config file '.*absent.yaml' not found"
+    ):
+        load_config(tmp_path / "absent.yaml")
 
 
 def test_cli_pretrain_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
@@ -202,7 +213,13 @@ def test_two_process_gloo_ddp_ranks_hold_identical_weights(tmp_path: Path) -> No
         textwrap.dedent(
             f"""
             import lightning as L, torch
-            from mapex_analysis.train.pretrain import PretrainConfig, pretrain
+            from mapex_analysis.train.pretrain import (
+    PretrainConfig,
+    PretrainConfigError,
+    load_config,
+    parse_pretrain_config,
+    pretrain,
+)
 
             class Dump(L.Callback):
                 def _save(self, trainer, module, tag):

@@ -27,10 +27,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
+from mapex_analysis.config import ConfigError, Strict, format_validation_error, load_yaml, validate
 from mapex_analysis.data.tasks import TASKS
 from mapex_analysis.models.registry import UnknownModelError, resolve_source
 from mapex_analysis.options import (
@@ -68,79 +68,8 @@ __all__ = [
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class StudyError(ValueError):
+class StudyError(ConfigError):
     """A study file that does not validate; one line per problem, each naming its YAML path."""
-
-
-def _loc(loc: Sequence[int | str]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "(top level)"
-
-
-def format_validation_error(err: ValidationError, source: str = "study") -> str:
-    """One line per validation problem: ``path: message (got value)``.
-
-    Args:
-        err: The pydantic error.
-        source: File name shown in the first line.
-
-    Returns:
-        The formatted message.
-    """
-    lines = [f"{source}: {err.error_count()} problem(s)"]
-    for e in err.errors(include_url=False):
-        loc = list(e["loc"])
-        ctx = e.get("ctx") or {}
-        if e["type"] == "unknown_key":
-            loc.append(str(ctx["key"]))
-        if "index" in ctx:
-            loc.append(int(ctx["index"]))
-        # Drop pydantic's union/tag markers (``function-after[...]``, ``list[...]``).
-        loc = [p for p in loc if not (isinstance(p, str) and ("[" in p or p in {"str", "float"}))]
-        msg = e["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        got = ""
-        if e["type"] not in (
-            "unknown_key",
-            "missing",
-            "modality_set",
-            "width_range",
-            "unknown_task",
-            "unknown_measurement",
-        ):
-            got = f" (got {e['input']!r})" if repr(e["input"]) not in msg else ""
-        lines.append(f"  {_loc(loc)}: {msg}{got}")
-    return "\n".join(lines)
-
-
-class _Strict(BaseModel):
-    """Base of every config section: unknown keys are errors that list the allowed ones."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_unknown_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            allowed = set(cls.model_fields)
-            for key in data:
-                if key not in allowed:
-                    raise PydanticCustomError(
-                        "unknown_key",
-                        "{msg}",
-                        {
-                            "key": str(key),
-                            "msg": f"unknown key {key!r}; allowed keys: "
-                            + ", ".join(sorted(allowed)),
-                        },
-                    )
-        return data
 
 
 def _known_names(v: list[str], valid: Sequence[str], what: str, label: str) -> list[str]:
@@ -169,7 +98,7 @@ def _check_widths(v: Any) -> Any:
     return v
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """One model of the study.
 
     Attributes:
@@ -219,7 +148,7 @@ class ModelConfig(_Strict):
         return resolve_source(self.source, check=False).is_checkpoint
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     """The data: SynthEO, the built-in seeded generator.
 
     Attributes:
@@ -257,7 +186,7 @@ def _check_modality_set(v: Any) -> list[str]:
     return [m for m in DEFAULT_MODALITIES if m in v]
 
 
-class PruneConfig(_Strict):
+class PruneConfig(Strict):
     """Modality-aware expert pruning.
 
     Attributes:
@@ -336,7 +265,7 @@ class PruneConfig(_Strict):
         return out
 
 
-class SlimConfig(_Strict):
+class SlimConfig(Strict):
     """Post-hoc uniform width slimming.
 
     Attributes:
@@ -392,7 +321,7 @@ class SlimConfig(_Strict):
         return sorted(set(vals), reverse=True)
 
 
-class OperatorsConfig(_Strict):
+class OperatorsConfig(Strict):
     """The operators applied to each model.
 
     Attributes:
@@ -404,7 +333,7 @@ class OperatorsConfig(_Strict):
     slim: SlimConfig | None = None
 
 
-class LatencyConfig(_Strict):
+class LatencyConfig(Strict):
     """Latency measurement settings.
 
     Attributes:
@@ -423,7 +352,7 @@ class LatencyConfig(_Strict):
     widths: list[float] | None = None
 
 
-class FinetuneConfig(_Strict):
+class FinetuneConfig(Strict):
     """Short fine-tuning settings (protocol ``finetune``).
 
     Attributes:
@@ -464,7 +393,7 @@ def cluster_kind(spec: str) -> tuple[str, int]:
     )
 
 
-class JobResources(_Strict):
+class JobResources(Strict):
     """Resources of one batch job (one Dask worker) on SLURM or PBS (``dask-jobqueue``).
 
     Attributes:
@@ -491,7 +420,7 @@ class JobResources(_Strict):
     prologue: list[str] = Field(default_factory=list)
 
 
-class ExecutionConfig(_Strict):
+class ExecutionConfig(Strict):
     """Where the cells run.
 
     Attributes:
@@ -517,7 +446,7 @@ class ExecutionConfig(_Strict):
         return v
 
 
-class Study(_Strict):
+class Study(Strict):
     """A whole study.
 
     Attributes:
@@ -604,10 +533,7 @@ def parse_study(data: Any, *, source: str = "study") -> Study:
     """
     if not isinstance(data, dict):
         raise StudyError(f"{source}: a study is a YAML mapping, got {type(data).__name__}")
-    try:
-        return Study.model_validate(data)
-    except ValidationError as err:
-        raise StudyError(format_validation_error(err, source)) from None
+    return validate(Study, data, source=source, error=StudyError)
 
 
 def load_study(path: str | Path) -> Study:
@@ -623,11 +549,5 @@ def load_study(path: str | Path) -> Study:
         StudyError: if the file is missing, is not YAML, or does not validate (every problem
             with its YAML path).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise StudyError(f"study file {str(p)!r} not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        raise StudyError(f"{p}: not valid YAML: {err}") from None
-    return parse_study(data, source=str(p))
+    data = load_yaml(path, what="study", error=StudyError)
+    return parse_study(data, source=str(path))

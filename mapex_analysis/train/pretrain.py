@@ -25,16 +25,17 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 from torch.utils.data import DataLoader, Dataset
 
 from mapex_analysis.checkpoint import save_model
+from mapex_analysis.config import ConfigError, Strict, load_yaml, validate
 from mapex_analysis.data import SynthEO
 from mapex_analysis.data.tasks import get_task
 from mapex_analysis.factory import create_model
 from mapex_analysis.models.mae import MaskedAutoencoder, MaskMode
-from mapex_analysis.models.registry import get_entry
+from mapex_analysis.models.registry import UnknownModelError, get_entry
 from mapex_analysis.models.token_model import TokenEncoder
 
 __all__ = [
@@ -42,14 +43,21 @@ __all__ = [
     "PretrainConfig",
     "PretrainDataModule",
     "PretrainResult",
+    "PretrainConfigError",
+    "PretrainDataConfig",
     "load_config",
+    "parse_pretrain_config",
     "pretrain",
 ]
 
 logger = logging.getLogger(__name__)
 
 
-class DataConfig(BaseModel):
+class PretrainConfigError(ConfigError):
+    """A pretraining config that does not validate; one line per problem, naming its path."""
+
+
+class PretrainDataConfig(Strict):
     """SynthEO pretraining scenes.
 
     Attributes:
@@ -62,7 +70,6 @@ class DataConfig(BaseModel):
             task's default (0.2).
     """
 
-    model_config = ConfigDict(extra="forbid")
     n: int = Field(default=4000, ge=1)
     seed: int = 0
     img_size: int = Field(default=32, ge=1)
@@ -71,7 +78,7 @@ class DataConfig(BaseModel):
     clouds: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
-class PretrainConfig(BaseModel):
+class PretrainConfig(Strict):
     """A pretraining run (the YAML file under ``studies/pretrain/``).
 
     Attributes:
@@ -104,11 +111,10 @@ class PretrainConfig(BaseModel):
         log_every_n_steps: Logging interval.
     """
 
-    model_config = ConfigDict(extra="forbid")
     name: str
     model: str
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    data: DataConfig = DataConfig()
+    data: PretrainDataConfig = PretrainDataConfig()
     mask_ratio: float = Field(default=0.75, ge=0.0, lt=1.0)
     mask_mode: MaskMode = "tokens"
     decoder_dim: int = Field(default=64, ge=4)
@@ -135,7 +141,10 @@ class PretrainConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _known_model(cls, v: str) -> str:
-        get_entry(v)  # raises UnknownModelError listing the registered names
+        try:
+            get_entry(v)
+        except UnknownModelError as err:  # lists the registered names
+            raise PydanticCustomError("unknown_model", "{msg}", {"msg": str(err)}) from None
         return v
 
 
@@ -149,13 +158,21 @@ def load_config(path: str | Path) -> PretrainConfig:
         The validated config.
 
     Raises:
-        FileNotFoundError: if the file does not exist.
-        pydantic.ValidationError: naming each invalid field.
+        PretrainConfigError: if the file is missing, is not YAML or does not validate (every
+            problem with its YAML path).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretraining config {path} does not exist")
-    return PretrainConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+    return parse_pretrain_config(
+        load_yaml(path, what="pretraining config", error=PretrainConfigError), source=str(path)
+    )
+
+
+def parse_pretrain_config(data: Any, *, source: str = "pretraining config") -> PretrainConfig:
+    """Validate a parsed pretraining YAML document.
+
+    Raises:
+        PretrainConfigError: listing every problem with its YAML path.
+    """
+    return validate(PretrainConfig, data, source=source, error=PretrainConfigError)
 
 
 class _ArrayScenes(Dataset[dict[str, torch.Tensor]]):
@@ -185,7 +202,11 @@ class PretrainDataModule(L.LightningDataModule):
     """
 
     def __init__(
-        self, data: DataConfig, modalities: Sequence[str], batch_size: int, num_workers: int = 0
+        self,
+        data: PretrainDataConfig,
+        modalities: Sequence[str],
+        batch_size: int,
+        num_workers: int = 0,
     ) -> None:
         super().__init__()
         self.data_config = data
@@ -345,7 +366,7 @@ def pretrain(
         :class:`PretrainResult`.
 
     Raises:
-        FileNotFoundError, pydantic.ValidationError: for a bad config path or content.
+        PretrainConfigError: for a bad config path or content.
         TypeError: if the registered model is not a token encoder.
     """
     cfg = config if isinstance(config, PretrainConfig) else load_config(config)
