@@ -4,7 +4,6 @@ wavelength units, parameter counts, slimming and MAC counting."""
 from __future__ import annotations
 
 import copy
-import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -154,6 +153,8 @@ CASES = [
     ("satmae_test", {}, ["rgb", "sar"], 32, _up_satmae),
 ]
 IDS = [f"{c[0]}-{'-'.join(c[2])}" for c in CASES]
+#: Adapters of spectral models, which take any subset of their bands (``variable_bands``).
+SPECTRAL = ("dofa", "copernicusfm", "panopticon", "satmae")
 
 
 @pytest.mark.parametrize(("name", "kw", "mods", "size", "upstream"), CASES, ids=IDS)
@@ -257,6 +258,7 @@ def test_bad_input_names_expected_bands(name, kw, mods, size, upstream) -> None:
         m({**x, bad: _batch([bad], size)[bad]})
     msg = str(err.value)
     assert f"{type(m).__name__} does not accept modalities ['{bad}']" in msg
+    assert list(m.bands_per_modality()) == list(m.modalities)
     for mod, bands in m.bands_per_modality().items():
         assert f"'{mod}': {list(bands)}" in msg
     # a band count that does not match the modality's bands: the bands are named
@@ -268,7 +270,8 @@ def test_bad_input_names_expected_bands(name, kw, mods, size, upstream) -> None:
     assert f"(B, {n}, H, W) with bands {list(bands_of(first))}" in str(err.value)
     assert f"got shape {tuple(wrong.shape)}" in str(err.value)
     # spectral models take the fed bands only: nothing is filled in
-    if m.variable_bands and not name.startswith("satmae"):
+    assert m.variable_bands == name.startswith(SPECTRAL)
+    if name.startswith(SPECTRAL):
         inp, fed = m.prepare_input({first: x[first]})
         assert fed == bands_of(first) and inp.shape == (B, n, size, size)
 
@@ -429,10 +432,9 @@ def test_full_size_parameter_counts() -> None:
     # proj 1,049,600 + fc1 4,198,400 + fc2 4,195,328 = 12,596,224, x 24 = 302,309,376;
     # final norm 2,048 -> 303,301,632 (published ~304 M).
     assert rows["scalemae_large"]["params"] == 303_301_632
-    assert math.isclose(rows["scalemae_large"]["params"], 304e6, rel_tol=0.01)  # published ~304 M
-    # DOFA-B: ViT-B/16 encoder + wavelength weight generator (fc_weight 128 -> 16*16*768).
+    # DOFA-B: ViT-B/16 encoder + wavelength weight generator (fc_weight 128 -> 16*16*768)
+    # (published ~111 M).
     assert rows["dofa_base"]["params"] == 111_312_128
-    assert math.isclose(rows["dofa_base"]["params"], 111e6, rel_tol=0.01)  # published ~111 M
     assert rows["dofa_large"]["params"] == 337_105_408
     assert rows["croma_base"]["params"] == 194_365_440
     assert rows["croma_base_optical"]["params"] == 90_342_912
@@ -478,13 +480,6 @@ _PRODUCT_OP = re.compile(
 
 def _uncounted_products(unsupported: dict[str, int]) -> list[str]:
     return [op for op in unsupported if _PRODUCT_OP.match(op)]
-
-
-def test_product_op_pattern() -> None:
-    ops = ["aten::bmm", "aten::baddbmm", "aten::matmul", "aten::einsum", "aten::outer"]
-    ops += ["aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_convolution"]
-    assert _uncounted_products(dict.fromkeys(ops, 1)) == ops
-    assert _uncounted_products({"aten::add": 1, "aten::gelu": 2, "aten::mul_": 3}) == []
 
 
 @pytest.mark.parametrize(("name", "kw", "mods", "size", "upstream"), TIMM_BLOCK, ids=TIMM_IDS)
@@ -543,7 +538,8 @@ def test_count_macs_counts_every_matmul(name, kw, mods, size, upstream) -> None:
     check = rep.cross_check
     assert check["fvcore_macs"] == rep.total
     croma_joint = name.startswith("croma") and kw.get("variant", "joint") == "joint"
-    if name.startswith(("timm", "ssl4eo", "satmae", "croma")) and not croma_joint:
+    exact = name.startswith(("timm", "ssl4eo", "satmae", "croma")) and not croma_joint
+    if exact:
         assert check["rel_diff"] == 0.0
     if name == "timm_vit_test":
         assert rep.total == TIMM_VIT_TEST_MACS
@@ -561,8 +557,28 @@ def test_count_macs_counts_every_matmul(name, kw, mods, size, upstream) -> None:
         # 32 MLP on the mean token), which the joint output does not use: FlopCounterMode
         # counts them, the trace does not: 2 heads * B * (5 * 32 + 2 * 32 * 128) = 33,408
         assert check["flopcounter_macs"] - check["fvcore_macs"] == 2 * B * (5 * 32 + 2 * 32 * 128)
-    else:
+    elif not exact:  # DOFA, ScaleMAE, Copernicus-FM, Panopticon: 80 to 288 MACs apart
         assert check["rel_diff"] < CROSS_CHECK_TOLERANCE
+
+
+def test_a_product_op_count_macs_has_no_handle_for_is_listed_and_flagged(monkeypatch) -> None:
+    # _uncounted_products (which the MAC tests above rely on) on what count_macs reports: with
+    # the project's attention handle, timm_vit_test leaves only elementwise ops uncounted;
+    # without it, its 2 attention calls (2 * 2 * 2 * 17^2 * 32 = 73,984 MACs) are listed as
+    # uncounted, and flagged
+    from mapex_analysis.measure import macs
+
+    m = _model("timm_vit_test")
+    x = _batch(["rgb"], 32)
+    counted = macs.count_macs(m, x, cross_check=False)
+    elementwise = {"aten::sub": 1, "aten::div": 1, "aten::add": 5, "aten::gelu": 2}
+    assert counted.unsupported == elementwise
+    assert _uncounted_products(counted.unsupported) == []
+    monkeypatch.delitem(macs.FVCORE_EXTRA_HANDLES, "aten::scaled_dot_product_attention")
+    dropped = macs.count_macs(m, x, cross_check=False)
+    assert dropped.total == TIMM_VIT_TEST_MACS - 73_984
+    assert dropped.unsupported == {**elementwise, "aten::scaled_dot_product_attention": 2}
+    assert _uncounted_products(dropped.unsupported) == ["aten::scaled_dot_product_attention"]
 
 
 def test_cli_list_models_shows_adapters() -> None:

@@ -66,7 +66,6 @@ def _fused_attention(model: nn.Module, fused: bool) -> Iterator[None]:
 def test_vit_b16_total_matches_reference(vit_b_report) -> None:
     assert VIT_B_LINEAR + VIT_B_CONV + VIT_B_ATTN + VIT_B_NORM == VIT_B_TOTAL
     assert vit_b_report.total == VIT_B_TOTAL
-    assert abs(vit_b_report.total - 17.58e9) / 17.58e9 < 0.005
     assert vit_b_report.unit == "MACs"
     assert vit_b_report.flops == 2 * VIT_B_TOTAL
     assert vit_b_report.by_op == {
@@ -86,7 +85,6 @@ def test_vit_b16_total_matches_reference(vit_b_report) -> None:
 def test_vit_b16_nothing_countable_unsupported(vit_b_report) -> None:
     # only the residual/pos-embed adds (24 + 1) and the 12 GELUs are left uncounted
     assert vit_b_report.unsupported == {"aten::add": 25, "aten::gelu": 12}
-    assert not [op for op in vit_b_report.unsupported if "attention" in op or "mm" in op]
 
 
 def test_vit_b16_fused_and_manual_attention_count_the_same(vit_b, vit_b_report) -> None:
@@ -102,8 +100,8 @@ def test_vit_b16_fused_and_manual_attention_count_the_same(vit_b, vit_b_report) 
 def test_vit_b16_two_counters_agree(vit_b, vit_b_report) -> None:
     check = vit_b_report.cross_check
     assert check["fvcore_macs"] == VIT_B_TOTAL
-    assert check["rel_diff"] < 0.005
     assert check["flopcounter_macs"] == VIT_B_TOTAL
+    assert check["rel_diff"] == 0.0  # the same total, so exactly 0 apart
     # without our CPU attention mapping, FlopCounterMode drops attention and norms:
     # 2 * (linear + conv) = 2 * (16,732,895,232 + 115,605,504) = 33,697,001,472 FLOPs
     with torch.no_grad(), FlopCounterMode(display=False) as plain:
@@ -438,14 +436,13 @@ def test_slimmed_vit_relative_macs_follow_formula_over_the_grid() -> None:
     full = count_macs(model, x, cross_check=False).total
     assert full == _slim_vit_macs(1.0, **shape)
     assert len(SLIM_WIDTHS) == 31
+    macs = {s: count_macs(slim_width(model, s), x, cross_check=False).total for s in SLIM_WIDTHS}
     for s in SLIM_WIDTHS:
-        macs = count_macs(slim_width(model, s), x, cross_check=False).total
-        assert macs == _slim_vit_macs(s, **shape), s
-        assert macs / full == _slim_vit_macs(s, **shape) / _slim_vit_macs(1.0, **shape), s
+        assert macs[s] == _slim_vit_macs(s, **shape), s
     # smallest width: d_k' = 1, h' = 1 per block: 17*64*12 + 2*4*289 + 17*4*64 + 2*17*64
     # + 10*17*64 = 13,056 + 2,312 + 4,352 + 2,176 + 10,880 = 32,776; x 2 + patch 16*64*768
     # (786,432) + norm 5,440 = 857,424
-    assert _slim_vit_macs(0.001, **shape) == 857_424
+    assert macs[0.001] == 857_424
 
 
 def test_slimmed_vit_b16_12_bands_smallest_width_reference() -> None:

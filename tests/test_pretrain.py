@@ -213,13 +213,7 @@ def test_two_process_gloo_ddp_ranks_hold_identical_weights(tmp_path: Path) -> No
         textwrap.dedent(
             f"""
             import lightning as L, torch
-            from mapex_analysis.train.pretrain import (
-    PretrainConfig,
-    PretrainConfigError,
-    load_config,
-    parse_pretrain_config,
-    pretrain,
-)
+            from mapex_analysis.train.pretrain import PretrainConfig, pretrain
 
             class Dump(L.Callback):
                 def _save(self, trainer, module, tag):
