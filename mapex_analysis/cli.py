@@ -25,7 +25,7 @@ from rich.table import Table
 from mapex_analysis.data.tasks import task_table
 from mapex_analysis.models.registry import UnknownModelError
 from mapex_analysis.study.execution import job_script
-from mapex_analysis.study.schema import StudyError, load_study
+from mapex_analysis.study.schema import StudyError, cluster_kind, load_study
 
 console = Console()
 
@@ -232,13 +232,15 @@ def validate(study: str) -> None:
 )
 def run(study: str, dry_run: bool, fresh: bool, cluster: str | None) -> None:
     """Run a STUDY (resumable: finished cells are skipped), writing reports/<study>/."""
-    from mapex_analysis.study.runner import iter_pending, plan_grid, run_study
-
     try:
+        if cluster is not None:
+            cluster_kind(cluster)  # a malformed cluster string fails before any model loads
         cfg = load_study(study)
-    except StudyError as err:
+    except (StudyError, ValueError) as err:
         _fail(err)
         return
+    from mapex_analysis.study.runner import iter_pending, plan_grid, run_study
+
     if dry_run:
         cells = plan_grid(cfg)
         rows: list[dict[str, object]] = [

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -144,14 +145,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
-    # linear interpolation between closest ranks (numpy's default)
-    pos = (len(sorted_values) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
 def _environment(device: torch.device) -> dict[str, str]:
     env = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
     if device.type == "cuda":
@@ -227,7 +220,7 @@ def measure_latency(
                     LatencyPoint(
                         batch_size=b,
                         median_ms=median,
-                        iqr_ms=_percentile(ordered, 0.75) - _percentile(ordered, 0.25),
+                        iqr_ms=float(np.subtract(*np.percentile(ordered, [75, 25]))),
                         min_ms=ordered[0],
                         throughput=b / (median / 1e3) if median > 0 else float("inf"),
                         repeats=repeats,

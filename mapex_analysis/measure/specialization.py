@@ -26,13 +26,13 @@ joint ``p(m, e) = counts[m, e] / sum counts``. Measures:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import entropy
 from torch import nn
 
 __all__ = [
@@ -110,16 +110,13 @@ def normalized_routing_entropy(counts: Any) -> np.ndarray:
     n_experts = p.shape[1]
     if n_experts < 2:
         return np.full(p.shape[0], np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
-    h = -plogp.sum(axis=1) + 0.0  # + 0.0 turns -0.0 into 0.0
-    h[np.isnan(p).any(axis=1)] = np.nan
-    return h / math.log(n_experts)
+    h = np.array([entropy(row, base=n_experts) if not np.isnan(row).any() else np.nan
+                  for row in p])  # fmt: skip
+    return h + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
 def _entropy_bits(p: np.ndarray) -> float:
-    p = p[p > 0]
-    return float(-(p * np.log2(p)).sum())
+    return float(entropy(p.ravel(), base=2))
 
 
 def mutual_information_bits(counts: Any) -> float:
