@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from fixtures.net import free_port
 
 from mapex_analysis.checkpoint import load_model
 from mapex_analysis.cli import main
@@ -199,12 +199,6 @@ def test_cli_pretrain_knn_every_prints_the_scores(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "0 is not in the range x>=1" in res.output
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_two_process_gloo_ddp_ranks_hold_identical_weights(tmp_path: Path) -> None:
     cfg = _config(tmp_path, max_steps=3, devices=2)
@@ -234,7 +228,7 @@ def test_two_process_gloo_ddp_ranks_hold_identical_weights(tmp_path: Path) -> No
     )
     # generate the scenes once so the two ranks only read the cache
     SynthEO("pretrain", n=32, img_size=16, cache_dir=tmp_path / "cache")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
     proc = subprocess.run(
         [sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True,
         timeout=180,

@@ -96,5 +96,7 @@ def test_shipped_studies_validate() -> None:
         assert study.name == p.stem
     # a study naming a checkpoint that does not exist fails, naming the YAML path
     bad = {"name": "b", "tasks": ["landcover"], "models": {"m": {"source": "models/absent"}}}
-    with pytest.raises(StudyError, match=r"models\.m\.source: checkpoint directory 'models/absent'"):
+    with pytest.raises(
+        StudyError, match=r"models\.m\.source: checkpoint directory 'models/absent'"
+    ):
         parse_study(bad)
