@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import pkgutil
 import subprocess
@@ -31,10 +32,18 @@ def test_the_walk_found_the_package() -> None:
     assert "mapex_analysis.study.execution" in MODULES
 
 
-def test_execution_module_does_not_import_dask_until_a_cluster_is_asked_for() -> None:
-    code = (
-        "import sys, mapex_analysis.study.execution, mapex_analysis.study.runner; "
-        "print('distributed' in sys.modules)"
-    )
+def _loaded_after(imports: str, heavy: tuple[str, ...]) -> list[str]:
+    """Which of ``heavy`` a fresh interpreter has loaded after ``import <imports>``."""
+    code = f"import sys, {imports}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    return list(ast.literal_eval(out.stdout.strip()))
+
+
+def test_execution_module_does_not_import_dask_until_a_cluster_is_asked_for() -> None:
+    imports = "mapex_analysis.study.execution, mapex_analysis.study.runner"
+    assert _loaded_after(imports, ("distributed", "torch")) == ["torch"]
+
+
+def test_schema_imports_without_torch() -> None:
+    # validating a study's structure needs no torch (the option sets live in options.py)
+    assert _loaded_after("mapex_analysis.study.schema", ("torch", "timm", "torchgeo")) == []

@@ -4,8 +4,6 @@ torch-free schema, and one model contract every model family follows."""
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -138,15 +136,6 @@ def test_imports_inside_functions_are_only_optional_heavy_dependencies() -> None
         if not at_top and not target.startswith(LAZY_ALLOWED)
     ]
     assert bad == []
-
-
-def test_schema_imports_without_torch() -> None:
-    code = (
-        "import sys; import mapex_analysis.study.schema; "
-        "print(sorted(m for m in ('torch', 'timm', 'torchgeo') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
 
 
 def test_top_level_api_is_declared_for_type_checkers() -> None:
