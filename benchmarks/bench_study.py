@@ -59,7 +59,9 @@ def instrument() -> None:
     rows_function = cells_mod.rows_function
     cells_mod.rows_function = lambda name: timed(f"measure: {name}", rows_function(name))  # type: ignore[assignment]
     cells_mod.extract_features = timed("features", cells_mod.extract_features)  # type: ignore[assignment]
-    cells_mod.run_probe = timed(lambda protocol, *a, **k: f"probe: {protocol}", cells_mod.run_probe)  # type: ignore[assignment]
+    cells_mod.run_probe = timed(
+        lambda protocol, kind, *a, **k: f"probe: {protocol} ({kind})", cells_mod.run_probe
+    )  # type: ignore[assignment]
     cells_mod.finetune = timed("probe: finetune", cells_mod.finetune)  # type: ignore[assignment]
     cells_mod.pruning_rows = timed("measure: pruning report", cells_mod.pruning_rows)  # type: ignore[assignment]
     for name, label in (("_build_base", "build base models"), ("_build_variant", "apply operators"),
