@@ -105,3 +105,24 @@ def test_html_numbers_equal_table(tmp_path: Path, table: pd.DataFrame) -> None:
 def test_report_without_results_fails(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no finished cells"):
         render_report(tmp_path)
+
+
+def test_routing_tables_fall_back_to_model_labels_without_router_labels(tmp_path: Path) -> None:
+    # a study whose MAPEX model declares no `router:` still gets its traffic and routing tables
+    from mapex_analysis.report.routing import router_learned_sentences, traffic_table
+
+    c = dict(study="r", model="mx", role="mapex", modalities="sar", protocol="cost")
+    rows = [c | dict(variant="prune[sar]", operator="prune", metric="traffic_to_removed",
+                     value=0.25, unit="fraction of calibration assignments")]  # fmt: skip
+    r = dict(study="r", model="mx", role="mapex", variant="base", modalities="rgb+sar",
+             task="landcover", seed=0, protocol="routing", layer=0)  # fmt: skip
+    rows += [r | dict(metric="own_group_share", value=0.75, unit="fraction", subject="sar"),
+             r | dict(metric="mutual_information", value=0.5, unit="bits"),
+             r | dict(metric="modality_entropy", value=1.0, unit="bits")]  # fmt: skip
+    write_cell(tmp_path, "x", rows)
+    df = read_results(tmp_path)
+    table = traffic_table(df)
+    assert "<th>mx</th>" in table and 'data-value="0.25"' in table and ">25.0</td>" in table
+    (sentence,) = router_learned_sentences(df)
+    assert sentence.startswith("mx (router kind not declared in the study): measured:")
+    assert "own group 75.0-75.0 %" in sentence and "25.00-25.00 %" in sentence

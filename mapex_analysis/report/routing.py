@@ -28,8 +28,12 @@ _COULD = {
 
 
 def _routers(df: pd.DataFrame) -> dict[str, str]:
-    """``{router kind: model label}`` of the MAPEX models (first label per kind)."""
-    m = df[(df["router"] != "") & (df["role"] == "mapex")]
+    """``{column heading: model label}`` of the MAPEX models: one per router kind (first label
+    per kind) where models declare ``router:``, else one per MAPEX model label."""
+    mapex = df[df["role"] == "mapex"]
+    m = mapex[mapex["router"] != ""]
+    if m.empty:
+        return {str(label): str(label) for label in mapex["model"].unique()}
     return {str(r): str(g["model"].iloc[0]) for r, g in m.groupby("router", sort=False)}
 
 
@@ -155,7 +159,10 @@ def router_learned_sentences(df: pd.DataFrame) -> list[str]:
                 f"group and the shared parts: {static['value'].min():,.0f}-"
                 f"{static['value'].max():,.0f})"
             )
-        out.append(f"{r} router ({model}): {could}; measured: {did}.")
+        if could:
+            out.append(f"{r} router ({model}): {could}; measured: {did}.")
+        else:  # the study does not say which router the model has
+            out.append(f"{model} (router kind not declared in the study): measured: {did}.")
     return out
 
 
