@@ -24,6 +24,7 @@ from rich.table import Table
 
 from mapex_analysis.data.tasks import task_table
 from mapex_analysis.models.registry import UnknownModelError
+from mapex_analysis.options import FILL_POLICIES
 from mapex_analysis.study.execution import job_script
 from mapex_analysis.study.schema import StudyError, cluster_kind, load_study
 
@@ -82,7 +83,16 @@ def list_models() -> None:
 @click.option("--width", type=float, default=None, help="Slim to width s in (0, 1] first.")
 @click.option("--modalities", default=None, help="Comma-separated modalities to feed.")
 @click.option("--batch-size", type=int, default=1, show_default=True)
-def macs(model: str, width: float | None, modalities: str | None, batch_size: int) -> None:
+@click.option(
+    "--fill",
+    type=click.Choice(FILL_POLICIES),
+    default=None,
+    help="Fill the bands a fixed-band model needs that the fed modalities lack (0 in physical "
+    "units, or each band's mean); default: a missing band is an error.",
+)
+def macs(
+    model: str, width: float | None, modalities: str | None, batch_size: int, fill: str | None
+) -> None:
     """MACs (per op, per modality, two counters) and parameters of MODEL.
 
     MODEL is a registry name, a checkpoint directory or timm/<name>.
@@ -93,11 +103,17 @@ def macs(model: str, width: float | None, modalities: str | None, batch_size: in
 
     mods = [m.strip() for m in modalities.split(",") if m.strip()] if modalities else None
     try:
-        cost = measure_cost(model, width=width, modalities=mods, batch_size=batch_size)
+        cost = measure_cost(model, width=width, modalities=mods, batch_size=batch_size, fill=fill)
     except (MacsError, ModalityError, UnknownModelError, ValueError) as err:
+        if "missing bands" in str(err):
+            err = ValueError(f"{err} (on the command line: --fill zeros or --fill mean)")
         _fail(err)
         return
     rep = cost.macs
+    if cost.filled:
+        console.print(
+            f"filled bands {', '.join(cost.filled)} with {cost.fill} (no fed modality carries them)"
+        )
     console.print(
         f"[bold]{cost.model}[/]"
         + (f" at width {cost.width:g}" if cost.width is not None else "")

@@ -652,3 +652,20 @@ def test_routed_active_params_follow_the_measured_routing() -> None:
     assert routed_active_params(model, routing, "sar") == static + expert
     with pytest.raises(ValueError, match=r"routing has entries for blocks \[0\]"):
         routed_active_params(model, [on_group[0], None], "sar")
+
+
+def test_cli_macs_fill_names_the_bands_it_filled() -> None:
+    # ssl4eo_test is a 13-band model; the project's modalities carry 10 of the 13 S2 bands
+    missing = CliRunner().invoke(main, ["macs", "ssl4eo_test"])
+    assert missing.exit_code == 2
+    out = " ".join(missing.output.split())
+    assert "missing bands ['B01', 'B09', 'B10']" in out and "--fill zeros or --fill mean" in out
+    filled = CliRunner().invoke(main, ["macs", "ssl4eo_test", "--fill", "zeros"])
+    assert filled.exit_code == 0, filled.output
+    assert "filled bands B01, B09, B10 with zeros" in " ".join(filled.output.split())
+    croma = CliRunner().invoke(main, ["macs", "croma_test", "--fill", "mean"])
+    assert "filled bands B01, B09 with mean" in " ".join(croma.output.split())
+    # a fill policy is refused where no band can be missing, naming the model
+    refused = CliRunner().invoke(main, ["macs", "mapex_test", "--fill", "zeros"])
+    assert refused.exit_code == 2
+    assert "mapex_test takes no fill policy" in " ".join(refused.output.split())

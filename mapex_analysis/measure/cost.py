@@ -21,6 +21,7 @@ from mapex_analysis.factory import create_model
 from mapex_analysis.measure.macs import MacsReport, count_macs
 from mapex_analysis.measure.params import ParamsReport, count_params
 from mapex_analysis.modalities import ModalityError, get_modality
+from mapex_analysis.models.adapters.base import Adapter
 from mapex_analysis.ops.slim import slim_width
 
 __all__ = ["CostReport", "example_inputs", "measure_cost"]
@@ -39,6 +40,8 @@ class CostReport:
         batch_size: Batch size of the example inputs; MACs are for the whole batch.
         macs: The MACs report.
         params: The parameter report (active parameters for ``modalities``).
+        filled: Bands the model needed that the fed modalities lack, supplied by ``fill``.
+        fill: The fill policy (``zeros`` or ``mean``), if one was asked for.
     """
 
     model: str
@@ -47,6 +50,8 @@ class CostReport:
     batch_size: int
     macs: MacsReport
     params: ParamsReport
+    filled: tuple[str, ...] = ()
+    fill: str | None = None
 
 
 def _img_size(model: nn.Module) -> tuple[int, int]:
@@ -126,6 +131,7 @@ def measure_cost(
     batch_size: int = 1,
     seed: int = 0,
     model_kwargs: Mapping[str, Any] | None = None,
+    fill: str | None = None,
 ) -> CostReport:
     """MACs (two counters, per op, per modality) and parameters of a model variant.
 
@@ -137,8 +143,10 @@ def measure_cost(
         modalities: Modalities to feed; default all the model declares.
         batch_size: Batch size of the example inputs.
         seed: Seed of the example inputs.
-        model_kwargs: Constructor overrides when ``model`` is a name (e.g.
-            ``{"fill": "zeros"}`` for adapters that need bands no modality carries).
+        model_kwargs: Constructor overrides when ``model`` is a name.
+        fill: ``zeros`` or ``mean``: let an adapter of a fixed-band model fill the bands the
+            fed modalities lack (a 13-band model fed 12 bands); which bands were filled is in
+            the report. ``None``: a missing band is an error.
 
     Returns:
         The :class:`CostReport`.
@@ -149,13 +157,26 @@ def measure_cost(
         MacsError: if the model cannot be traced.
     """
     name = model if isinstance(model, str) else type(model).__name__
-    if model_kwargs and not isinstance(model, str):
-        raise ValueError("model_kwargs apply only when the model is given by name")
-    module = create_model(model, **(model_kwargs or {})) if isinstance(model, str) else model
+    if (model_kwargs or fill) and not isinstance(model, str):
+        raise ValueError("model_kwargs and fill apply only when the model is given by name")
+    kwargs = dict(model_kwargs or {}) | ({"fill": fill} if fill is not None else {})
+    try:
+        module = create_model(model, **kwargs) if isinstance(model, str) else model
+    except TypeError as err:
+        if fill is None or "fill" not in str(err):
+            raise
+        raise ValueError(
+            f"{model} takes no fill policy: only adapters of fixed-band models fill bands"
+        ) from None
     if width is not None:
         module = slim_width(module, width)
     inputs = example_inputs(module, batch_size=batch_size, modalities=modalities, seed=seed)
     fed = tuple(inputs) if isinstance(inputs, dict) else ()
+    filled = (
+        module.filled_bands(inputs)
+        if isinstance(module, Adapter) and isinstance(inputs, dict)
+        else ()
+    )
     macs = count_macs(module, inputs, per_modality=len(fed) > 1)
     params = count_params(module, fed or None)
     logger.info("%s: %d MACs, %d parameters", name, macs.total, params.total)
@@ -166,4 +187,6 @@ def measure_cost(
         batch_size=batch_size,
         macs=macs,
         params=params,
+        filled=tuple(filled),
+        fill=fill,
     )

@@ -238,6 +238,12 @@ class Adapter(nn.Module):
         present = {b for m in x for b in bands_of(m)}
         return tuple(b for b in self.bands if b in present)
 
+    def filled_bands(self, x: Mapping[str, Tensor]) -> tuple[str, ...]:
+        """The bands this model needs for input ``x`` that no fed modality carries (what the
+        fill policy supplies; without one, :meth:`prepare_input` refuses them)."""
+        present = {b for m in x if m != "label" for b in bands_of(m)}
+        return tuple(b for b in self.input_bands(x) if b not in present)
+
     def prepare_input(self, x: Mapping[str, Tensor]) -> tuple[Tensor, tuple[str, ...]]:
         """Map a modality dict onto the upstream input tensor.
 
