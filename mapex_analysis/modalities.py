@@ -18,7 +18,9 @@ Units:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,6 +39,7 @@ __all__ = [
     "UnitError",
     "all_bands",
     "bands_of",
+    "check_inputs",
     "check_units",
     "get_band",
     "get_modality",
@@ -46,9 +49,15 @@ __all__ = [
     "normalize",
     "denormalize",
     "register_modality",
+    "unit_checks",
+    "units_checked",
     "validate_modalities",
     "wavelengths",
 ]
+
+
+#: Whether model inputs are unit-checked (see :func:`unit_checks`).
+_UNIT_CHECKS: ContextVar[bool] = ContextVar("mapex_unit_checks", default=True)
 
 
 class ModalityError(ValueError):
@@ -284,48 +293,116 @@ register_modality("swir", "sentinel2", ["B11", "B12", "B8A"], "Sentinel-2 SWIR +
 register_modality("sar", "sentinel1", ["VV", "VH"], "Sentinel-1 GRD backscatter (dB)")
 register_modality("ele", "dem", ["elevation"], "Digital elevation model (m)")
 
-#: The six default modalities in canonical order.
+register_modality("coastal", "sentinel2", ["B01"], "Sentinel-2 coastal aerosol (60 m)")
+register_modality(
+    "atmospheric", "sentinel2", ["B09", "B10"], "Sentinel-2 water vapour + cirrus (60 m)"
+)
+
+
+def units_checked() -> bool:
+    """Whether model inputs are unit-checked in the current context (default ``True``)."""
+    return _UNIT_CHECKS.get()
+
+
+@contextmanager
+def unit_checks(enabled: bool) -> Iterator[None]:
+    """Turn the unit check of every model input on or off inside a ``with`` block.
+
+    Models and adapters call :func:`check_inputs` on every forward; this is the explicit
+    opt-out (``with unit_checks(False): model(x)``) for callers whose inputs are not physical
+    values (synthetic timing inputs, attribution baselines they built themselves).
+
+    Args:
+        enabled: ``False`` to skip the checks, ``True`` to force them back on.
+    """
+    token = _UNIT_CHECKS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _UNIT_CHECKS.reset(token)
 
 
 def check_units(modality: str, x: torch.Tensor, *, where: str = "") -> None:
     """Raise if ``x`` cannot be in the unit the modality's bands declare.
 
     Catches the classic silent errors: raw Sentinel-2 digital numbers (0-10,000) fed where
-    reflectance is expected, linear SAR power fed where dB is expected, NaNs.
+    reflectance is expected, linear SAR power fed where dB is expected (every value >= 0,
+    while dB backscatter lies in [-25, 0]), impossible elevations, NaNs and infinities.
+    Values may exceed a band's valid range by 5 % of its width (resampling overshoot).
 
     Args:
         modality: Modality name.
         x: Tensor whose channel dimension is ``-3`` (``(C, H, W)`` or ``(B, C, H, W)``).
-        where: Context for the message (a file, a dataset).
+        where: Context for the message (a file, a dataset, a model).
 
     Raises:
-        UnitError: naming the band, its expected unit and range, and the observed range.
+        BandError: if the channel count is not the modality's band count.
+        UnitError: naming the modality, band, expected unit and range, and the observed range.
     """
     mod = get_modality(modality)
-    if x.shape[-3] != mod.num_bands:
+    at = f" in {where}" if where else ""
+    if x.dim() < 3 or x.shape[-3] != mod.num_bands:
         raise BandError(
             f"modality {modality!r} expects {mod.num_bands} bands {list(mod.bands)}, "
-            f"got {x.shape[-3]} channels{(' in ' + where) if where else ''}"
+            f"got {x.shape[-3] if x.dim() >= 3 else 'no'} channels{at}"
         )
-    xc = x.detach().float().transpose(0, -3).reshape(mod.num_bands, -1)
-    if torch.isnan(xc).any():
-        raise UnitError(f"NaN values in modality {modality!r}{(' in ' + where) if where else ''}")
-    lo, hi = xc.min(dim=1).values, xc.max(dim=1).values
+    if x.numel() == 0:
+        return
+    dims = tuple(d for d in range(x.dim()) if d != x.dim() - 3)
+    xd = x.detach()
+    lo = xd.amin(dim=dims).float().cpu()  # NaN propagates through amin/amax
+    hi = xd.amax(dim=dims).float().cpu()
     for i, band in enumerate(mod.band_objects):
         vlo, vhi = band.valid_range
-        slack = 0.05 * (vhi - vlo)
-        if lo[i] < vlo - slack or hi[i] > vhi + slack:
+        expect = f"the valid range [{vlo:g}, {vhi:g}] for unit {band.unit!r}"
+        lo_i, hi_i = lo[i].item(), hi[i].item()
+        if math.isnan(lo_i) or math.isnan(hi_i):
             raise UnitError(
-                f"band {band.name} of modality {modality!r} has values in "
-                f"[{lo[i].item():.4g}, {hi[i].item():.4g}], outside the valid range "
-                f"[{vlo}, {vhi}] for unit {band.unit!r}"
-                f"{(' in ' + where) if where else ''}; "
-                + (
-                    "raw Sentinel-2 digital numbers must be divided by 10,000"
-                    if band.unit == "reflectance"
-                    else "convert to the declared unit"
-                )
+                f"NaN values in band {band.name} of modality {modality!r}{at}; expected "
+                f"values in {expect}"
             )
+        if math.isinf(lo_i) or math.isinf(hi_i):
+            raise UnitError(
+                f"infinite values in band {band.name} of modality {modality!r}{at} (observed "
+                f"range [{lo_i:g}, {hi_i:g}]); expected values in {expect}"
+            )
+        slack = 0.05 * (vhi - vlo)
+        observed = f"has values in [{lo_i:.4g}, {hi_i:.4g}]"
+        if band.unit == "dB" and lo_i >= 0.0 and hi_i > 0.0:
+            raise UnitError(
+                f"band {band.name} of modality {modality!r}{at} {observed}: every value is "
+                f">= 0, which is linear backscatter power, not {expect}; convert with "
+                "10 * log10(power) (mapex_analysis.data.sources.linear_to_db)"
+            )
+        if lo_i < vlo - slack or hi_i > vhi + slack:
+            if band.unit == "reflectance":
+                hint = "raw Sentinel-2 digital numbers must be divided by 10,000"
+            elif band.unit == "m":
+                hint = "elevation must be in metres above sea level"
+            else:
+                hint = "convert to the declared unit"
+            raise UnitError(
+                f"band {band.name} of modality {modality!r} {observed}, outside {expect}{at}; "
+                f"{hint}"
+            )
+
+
+def check_inputs(x: Mapping[str, torch.Tensor], *, where: str = "") -> None:
+    """:func:`check_units` on every modality of a batch (``label`` ignored), unless
+    :func:`unit_checks` turned the checks off. The one entry point models and adapters call.
+
+    Args:
+        x: ``{modality: (B, C, H, W)}`` in physical units.
+        where: The model (or data) the batch goes into, for the message.
+
+    Raises:
+        UnitError, BandError: see :func:`check_units`.
+    """
+    if not _UNIT_CHECKS.get():
+        return
+    for m, t in x.items():
+        if m != "label" and m in MODALITIES:
+            check_units(m, t, where=where)
 
 
 def normalize(modality: str, x: torch.Tensor) -> torch.Tensor:

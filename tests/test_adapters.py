@@ -448,7 +448,7 @@ def test_full_size_parameter_counts() -> None:
     assert rows["ssl4eo_vit_small"]["params"] == 22_648_704
     assert rows["timm_vit_base"]["params"] == 85_798_656  # timm ViT-B/16 without head
     assert rows["satmae_base"]["params"] == 87_621_888
-    assert rows["croma_base"]["modalities"] == "rgb, red_edge, nir, swir, sar"
+    assert rows["croma_base"]["modalities"] == "coastal, rgb, red_edge, nir, swir, atmospheric, sar"
     assert "DOFABase16_Weights.DOFA_MAE" in rows["dofa_base"]["weights"]
 
 

@@ -271,7 +271,7 @@ class _TwoModalities(nn.Module):
 
 def test_modality_dict_inputs_and_per_modality_breakdown() -> None:
     model = _TwoModalities().train()
-    x = {"rgb": torch.randn(2, 3, 4, 4), "sar": torch.randn(2, 2, 4, 4)}
+    x = {"rgb": torch.rand(2, 3, 4, 4), "sar": -25 * torch.rand(2, 2, 4, 4)}
     # rgb: 2 * 16 tokens * 3 * 8 = 768, shared on them 2 * 16 * 8 * 4 = 1,024 -> 1,792
     # sar: 2 * 16 * 2 * 8 = 512, shared 1,024 -> 1,536; both: 768 + 512 + 2,048 = 3,328
     report = count_macs(model, x, per_modality=True)
@@ -655,17 +655,37 @@ def test_routed_active_params_follow_the_measured_routing() -> None:
 
 
 def test_cli_macs_fill_names_the_bands_it_filled() -> None:
-    # ssl4eo_test is a 13-band model; the project's modalities carry 10 of the 13 S2 bands
-    missing = CliRunner().invoke(main, ["macs", "ssl4eo_test"])
+    # ssl4eo_test is a 13-band model: fed the six default modalities it lacks B01, B09, B10
+    s2_default = "rgb,red_edge,nir,swir"
+    missing = CliRunner().invoke(main, ["macs", "ssl4eo_test", "--modalities", s2_default])
     assert missing.exit_code == 2
     out = " ".join(missing.output.split())
     assert "missing bands ['B01', 'B09', 'B10']" in out and "--fill zeros or --fill mean" in out
-    filled = CliRunner().invoke(main, ["macs", "ssl4eo_test", "--fill", "zeros"])
+    filled = CliRunner().invoke(
+        main, ["macs", "ssl4eo_test", "--modalities", s2_default, "--fill", "zeros"]
+    )
     assert filled.exit_code == 0, filled.output
     assert "filled bands B01, B09, B10 with zeros" in " ".join(filled.output.split())
-    croma = CliRunner().invoke(main, ["macs", "croma_test", "--fill", "mean"])
+    croma = CliRunner().invoke(
+        main, ["macs", "croma_test", "--modalities", f"{s2_default},sar", "--fill", "mean"]
+    )
     assert "filled bands B01, B09 with mean" in " ".join(croma.output.split())
     # a fill policy is refused where no band can be missing, naming the model
     refused = CliRunner().invoke(main, ["macs", "mapex_test", "--fill", "zeros"])
     assert refused.exit_code == 2
     assert "mapex_test takes no fill policy" in " ".join(refused.output.split())
+
+
+@pytest.mark.parametrize(
+    ("model", "macs"),
+    [("ssl4eo_vit_small", "4,800,630,144"), ("croma_base_optical", "20,202,450,432")],
+)
+def test_cli_macs_full_size_13_band_models_take_all_s2_bands(model: str, macs: str) -> None:
+    # coastal (B01) and atmospheric (B09, B10) make every Sentinel-2 band representable, so
+    # the 13-band models count without a fill and say nothing was filled
+    res = CliRunner().invoke(main, ["macs", model])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert "filled" not in out
+    assert "'coastal': (1, 1," in out and "'atmospheric': (1, 2," in out
+    assert f"total: {macs} MACs" in out

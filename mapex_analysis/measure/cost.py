@@ -177,7 +177,10 @@ def measure_cost(
         if isinstance(module, Adapter) and isinstance(inputs, dict)
         else ()
     )
-    macs = count_macs(module, inputs, per_modality=len(fed) > 1)
+    # a fixed-band model fed one modality alone lacks the other bands: no per-modality count
+    # unless a fill policy supplies them
+    alone = not (isinstance(module, Adapter) and not module.variable_bands and module.fill is None)
+    macs = count_macs(module, inputs, per_modality=len(fed) > 1 and alone)
     params = count_params(module, fed or None)
     logger.info("%s: %d MACs, %d parameters", name, macs.total, params.total)
     return CostReport(

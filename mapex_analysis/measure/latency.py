@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mapex_analysis.modalities import check_inputs, unit_checks
+
 __all__ = ["LatencyPoint", "LatencyReport", "measure_latency", "resize_batch"]
 
 logger = logging.getLogger(__name__)
@@ -202,7 +204,9 @@ def measure_latency(
         if threads is not None:
             torch.set_num_threads(threads)
         n_threads = torch.get_num_threads()
-        with torch.inference_mode():
+        if isinstance(inputs, Mapping):
+            check_inputs(inputs, where=type(model).__name__)  # once; not inside the timing
+        with torch.inference_mode(), unit_checks(False):
             for b in sizes:
                 x = _to(resize_batch(inputs, b), device)
                 for _ in range(warmup):

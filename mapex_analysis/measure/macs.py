@@ -67,7 +67,13 @@ from fvcore.nn import FlopCountAnalysis
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from mapex_analysis.modalities import BandError, ModalityError, UnitError
+from mapex_analysis.modalities import (
+    BandError,
+    ModalityError,
+    UnitError,
+    check_inputs,
+    unit_checks,
+)
 
 __all__ = [
     "CROSS_CHECK_TOLERANCE",
@@ -440,9 +446,13 @@ def count_macs(
         MacsError: if the model cannot be traced (the message names the model class) or the
             inputs have an unsupported type.
     """
+    if isinstance(inputs, Mapping):
+        # units are checked once here; the traced and counted passes run without the check, so
+        # its reductions are neither traced nor counted as (uncounted) model work
+        check_inputs(inputs, where=type(model).__name__)
     modes = _eval_mode(model)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), unit_checks(False):
             total, by_module, by_op, unsupported, uncalled = _fvcore_count(model, inputs)
             check: dict[str, float] = {}
             if cross_check:

@@ -50,6 +50,7 @@ class TokenEncoder(nn.Module):
         if pool not in ("cls", "mean"):
             raise ValueError(f"unknown pool {pool!r}; valid pools: cls, mean")
         self.tokenizer = ModalityTokenizer(modalities, img_size, patch_size, embed_dim)
+        self.tokenizer.owner = type(self).__name__  # named in input errors
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         nn.init.normal_(self.cls_token, std=0.02)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)

@@ -28,6 +28,7 @@ from mapex_analysis.modalities import (
     normalize,
     validate_modalities,
 )
+from mapex_analysis.modalities import check_inputs as check_units_of
 
 __all__ = ["ModalityTokenizer", "Tokens"]
 
@@ -68,6 +69,7 @@ class ModalityTokenizer(nn.Module):
         self, modalities: Sequence[str], img_size: int, patch_size: int, embed_dim: int
     ) -> None:
         super().__init__()
+        self.owner: str = type(self).__name__  # the model named in input errors
         mods = validate_modalities(modalities)
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
@@ -114,6 +116,9 @@ class ModalityTokenizer(nn.Module):
             ModalityError: for an empty dict or a modality the model does not have.
             BandError: for a wrong channel count (naming the expected bands).
             ValueError: for a wrong spatial size or inconsistent batch sizes.
+            UnitError: for values that cannot be in the modality's physical unit (raw digital
+                numbers, linear SAR power, impossible elevations, NaN/Inf), unless
+                :func:`~mapex_analysis.modalities.unit_checks` turned the checks off.
         """
         if not isinstance(x, Mapping):
             raise TypeError(f"expected a dict {{modality: tensor}}, got {type(x).__name__}")
@@ -139,6 +144,7 @@ class ModalityTokenizer(nn.Module):
                     f"modality {m!r} has size {tuple(t.shape[-2:])}, the model expects "
                     f"{(self.img_size, self.img_size)}"
                 )
+        check_units_of(x, where=self.owner)
         return tuple(m for m in own if m in x)
 
     def forward(self, x: Mapping[str, torch.Tensor]) -> Tokens:

@@ -48,6 +48,7 @@ from mapex_analysis.modalities import (
     BandError,
     ModalityError,
     bands_of,
+    check_inputs,
     get_band,
     get_modality,
 )
@@ -64,6 +65,7 @@ from mapex_analysis.options import FILL_POLICIES, FillPolicy
 
 __all__ = [
     "FILL_POLICIES",
+    "S2_MODALITIES",
     "Adapter",
     "FillPolicy",
     "Normalization",
@@ -75,6 +77,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: The modalities that together carry all 13 Sentinel-2 bands (13-band models accept these).
+S2_MODALITIES: tuple[str, ...] = ("coastal", "rgb", "red_edge", "nir", "swir", "atmospheric")
 
 
 @dataclass(frozen=True)
@@ -247,8 +252,11 @@ class Adapter(nn.Module):
     def prepare_input(self, x: Mapping[str, Tensor]) -> tuple[Tensor, tuple[str, ...]]:
         """Map a modality dict onto the upstream input tensor.
 
-        Checks modality names and band counts, takes the model's bands in the upstream
-        channel order, fills missing bands only under the fill policy, and normalises.
+        Checks modality names, band counts and units (:func:`~mapex_analysis.modalities.
+        check_inputs`: raw digital numbers, linear SAR power, impossible elevations, NaN/Inf
+        are refused unless :func:`~mapex_analysis.modalities.unit_checks` turned checks off),
+        takes the model's bands in the upstream channel order, fills missing bands only under
+        the fill policy, and normalises.
 
         Args:
             x: ``{modality: (B, C, H, W)}`` in physical units.
@@ -261,6 +269,7 @@ class Adapter(nn.Module):
             BandError: for a band-count mismatch, different batch sizes, or (fixed-band
                 models, no fill policy) bands the model needs that no fed modality carries.
             ValueError: for an image size other than ``img_size``.
+            UnitError: for values that cannot be in the modality's physical unit.
         """
         bands = self.input_bands(x)
         x = {k: v for k, v in x.items() if k != "label"}
@@ -286,6 +295,7 @@ class Adapter(nn.Module):
                 )
             for i, b in enumerate(names):
                 by_band.setdefault(b, t[:, i])
+        check_inputs(x, where=type(self).__name__)
         missing = [b for b in bands if b not in by_band]
         if missing and self.fill is None:
             raise BandError(

@@ -14,8 +14,9 @@ attention biases instead of position embeddings. Its blocks are CROMA's own eins
 FFN modules, not timm ``Attention``/``Mlp``: :func:`mapex_analysis.ops.slim_width` refuses it
 with a ``TypeError`` naming the adapter class.
 
-The project's modalities do not carry ``B01`` and ``B09``: the optical and joint variants need an
-explicit ``fill`` policy on project data. Normalisation: the project's per-band statistics
+The optical encoder's ``B01`` and ``B09`` come from the ``coastal`` and ``atmospheric``
+modalities (``B10`` of the latter is not used); fed only the six default modalities, the optical
+and joint variants need an explicit ``fill`` policy. Normalisation: the project's per-band statistics
 (CROMA's own pipeline normalises per dataset, outside the model).
 
 Upstream checkpoints (``CROMABase_Weights.CROMA_VIT``) are dicts of sub-state-dicts
@@ -36,6 +37,7 @@ from torchgeo.models import CROMA
 from torchgeo.models.croma import CROMABase_Weights, CROMALarge_Weights, get_2dalibi
 
 from mapex_analysis.models.adapters.base import (
+    S2_MODALITIES,
     Adapter,
     FillPolicy,
     build,
@@ -119,7 +121,7 @@ class CROMAAdapter(Adapter):
             raise ValueError(f"unknown CROMA variant {variant!r}; valid: {sorted(_PARTS)}")
         sar, opt = variant in ("sar", "joint"), variant in ("optical", "joint")
         bands = (CROMA_SAR_BANDS if sar else ()) + (CROMA_OPTICAL_BANDS if opt else ())
-        modalities = (("rgb", "red_edge", "nir", "swir") if opt else ()) + (("sar",) if sar else ())
+        modalities = (S2_MODALITIES if opt else ()) + (("sar",) if sar else ())
         super().__init__(
             modalities=modalities,
             bands=bands,
@@ -264,7 +266,7 @@ def croma_base_sar(weights: str | Path | None = None, **kwargs: Any) -> CROMAAda
     family="croma",
     accepts_weights=True,
     weights="torchgeo CROMABase_Weights.CROMA_VIT or a local file",
-    description="CROMA-B Sentinel-2 encoder (12 bands, needs fill for B01/B09), 120 px",
+    description="CROMA-B Sentinel-2 encoder (12 bands incl. coastal B01, B09), 120 px",
 )
 def croma_base_optical(weights: str | Path | None = None, **kwargs: Any) -> CROMAAdapter:
     """CROMA-Base, optical encoder only."""

@@ -9,9 +9,10 @@ weights' order.
 Normalisation follows the published transforms: Sentinel-2 weights take digital numbers /
 10,000, i.e. reflectance as is (mean 0, std 1 in the project's reflectance unit); Sentinel-1
 weights standardise dB with the SSL4EO-S12 statistics torchgeo ships. The project's six
-modalities carry 10 of the 13 Sentinel-2 bands (``B01``, ``B09``, ``B10`` are in none): feeding
-the S2 model needs an explicit ``fill="mean"`` or ``fill="zeros"``, otherwise the missing bands
-are an error.
+six default modalities carry 10 of the 13 Sentinel-2 bands; ``coastal`` (``B01``) and
+``atmospheric`` (``B09``, ``B10``) carry the other three, so the S2 model takes real 13-band data
+(EuroSAT, MMEarth) as it is. Fed only the default modalities it needs an explicit
+``fill="mean"`` or ``fill="zeros"``, otherwise the missing bands are an error.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torchgeo.models import vit_small_patch16_224 as tg_vit_small
 from torchgeo.models.resnet import _mean_s1, _sentinel1_grd_bands, _sentinel2_toa_bands, _std_s1
 
 from mapex_analysis.models.adapters.base import (
+    S2_MODALITIES,
     FillPolicy,
     Normalization,
     build,
@@ -72,7 +74,7 @@ class SSL4EOViTAdapter(TimmViTAdapter):
         if sensor not in ("s2", "s1"):
             raise ValueError(f"unknown sensor {sensor!r}; valid: 's2', 's1'")
         bands = S2_BANDS if sensor == "s2" else S1_BANDS
-        modalities = ("rgb", "red_edge", "nir", "swir") if sensor == "s2" else ("sar",)
+        modalities = S2_MODALITIES if sensor == "s2" else ("sar",)
         model: Any = tg_vit_small(None, in_chans=len(bands), num_classes=0, **timm_kwargs)
         super().__init__(
             modalities=modalities,
@@ -108,7 +110,7 @@ def ssl4eo_test(weights: str | Path | None = None, **kwargs: Any) -> SSL4EOViTAd
     family="ssl4eo",
     accepts_weights=True,
     weights="torchgeo ViTSmall16_Weights.SENTINEL2_ALL_{MOCO,DINO,MAE,...} or a local file",
-    description="SSL4EO-S12 ViT-S/16, 13 Sentinel-2 bands (needs fill for B01/B09/B10)",
+    description="SSL4EO-S12 ViT-S/16, 13 Sentinel-2 bands (coastal and atmospheric included)",
 )
 def ssl4eo_vit_small(weights: str | Path | None = None, **kwargs: Any) -> SSL4EOViTAdapter:
     """SSL4EO-S12 ViT-Small/16 on 13 Sentinel-2 bands, 224 px."""
