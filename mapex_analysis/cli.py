@@ -282,9 +282,11 @@ def run(study: str, dry_run: bool, fresh: bool, cluster: str | None) -> None:
             bar.update(job, completed=done, total=total,
                        description=f"{'skip' if skipped else 'done'} {cell.describe()}"[:70])  # type: ignore[attr-defined]  # fmt: skip
 
+        from mapex_analysis.models.weights import WeightsError
+
         try:
             summary = run_study(cfg, fresh=fresh, progress=on_cell, cluster=cluster)
-        except (ValueError, ModuleNotFoundError) as err:
+        except (ValueError, ModuleNotFoundError, FileNotFoundError, WeightsError) as err:
             _fail(err)
             return
     console.print(

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import re
-from html import unescape
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner, Result
+from fixtures.report_check import assert_report_numbers_match_table
 from fixtures.studies import write_smoke
 
 from mapex_analysis.cli import main
-from mapex_analysis.study.results import read_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,17 +44,7 @@ def test_run_and_report_numbers_match_table(smoke: Path) -> None:
     rep = cli("report", str(out_dir))
     assert rep.exit_code == 0, rep.output
     page = (out_dir / "report.html").read_text()
-    table = read_results(out_dir)
-    cells = re.findall(r'data-value="([^"]+)" data-unit="[^"]+" data-query="([^"]+)"', page)
-    assert len(cells) >= 8
-    for value, query in cells:
-        sel = table
-        q = json.loads(unescape(query))
-        agg = q.pop("agg", "mean")  # a cell says how it aggregates its rows (default: mean)
-        for k, v in q.items():
-            sel = sel[sel[k] == v]
-        assert len(sel) >= 1
-        assert float(value) == getattr(sel["value"], agg)()
+    table = assert_report_numbers_match_table(out_dir, at_least=8)
     # The findings sentence quotes the MACs of the chosen variant, taken from the table.
     line = re.search(r"landcover, knn, mapex on sar: .*? with ([\d,]+) MACs/sample", page)
     assert line is not None

@@ -71,7 +71,20 @@ def test_eurosat_subset_of_modalities_and_missing_bands(eurosat_root: Path) -> N
     ds = EuroSATSource(eurosat_root, "val", modalities=["swir", "rgb"])
     s = ds[0]
     assert list(s) == ["swir", "rgb", "label"]
-    assert _const(s["rgb"]) == pytest.approx([0.04, 0.03, 0.02])
+    # the val file is the class's second file: every DN is 1 higher
+    assert _const(s["rgb"]) == pytest.approx([0.0401, 0.0301, 0.0201])
+    # the 60 m bands are modalities too: coastal = B01, atmospheric = (B09, B10)
+    extra = EuroSATSource(eurosat_root, "train", modalities=["coastal", "atmospheric"])[0]
+    assert _const(extra["coastal"]) == pytest.approx([0.01])
+    assert _const(extra["atmospheric"]) == pytest.approx([0.09, 0.10])
+    assert EuroSATSource.covered_modalities() == (
+        "rgb",
+        "red_edge",
+        "nir",
+        "swir",
+        "coastal",
+        "atmospheric",
+    )
     with pytest.raises(BandError, match=r"EuroSAT lacks band\(s\) VV, VH of modality 'sar'"):
         EuroSATSource(eurosat_root, modalities=["rgb", "sar"])
     with pytest.raises(BandError, match=r"lacks band\(s\) elevation of modality 'ele'"):

@@ -32,7 +32,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mapex_analysis.data.tasks import TaskError, TaskSpec
-from mapex_analysis.modalities import DEFAULT_MODALITIES, BandError, bands_of, validate_modalities
+from mapex_analysis.modalities import (
+    DEFAULT_MODALITIES,
+    MODALITIES,
+    BandError,
+    bands_of,
+    validate_modalities,
+)
 
 __all__ = [
     "SOURCES",
@@ -154,12 +160,21 @@ class ModalitySource(Dataset, abc.ABC):
             raise DatasetNotFoundError(self)
         self.dataset = self._build()
 
+    #: Whether the source cuts rasters into ``img_size`` chips itself (a GeoDataset).
+    chipped: bool = False
+
     @classmethod
     def default_modalities(cls) -> tuple[str, ...]:
-        """Every registered modality whose bands the dataset has."""
+        """Every default modality whose bands the dataset has."""
         return tuple(
             m for m in DEFAULT_MODALITIES if all(b in cls.available_bands for b in bands_of(m))
         )
+
+    @classmethod
+    def covered_modalities(cls) -> tuple[str, ...]:
+        """Every registered modality whose bands the dataset has (``coastal`` and
+        ``atmospheric`` included), in registration order."""
+        return tuple(m for m in MODALITIES if all(b in cls.available_bands for b in bands_of(m)))
 
     @abc.abstractmethod
     def _build(self) -> Any:
@@ -335,6 +350,7 @@ class MMEarthSource(ModalitySource):
                 "tree_cover", "shrubland", "grassland", "cropland", "built_up", "bare",
                 "snow_ice", "water", "herbaceous_wetland", "mangroves", "moss_lichen",
             ),
+            ignore_index=255,
         )  # fmt: skip
         return MMEarth(
             self.root, subset=self.subset, modalities=list(mod_bands), modality_bands=mod_bands
@@ -404,6 +420,7 @@ class MMFloodSource(ModalitySource):
 
     name = "MMFlood"
     available_bands = ("VV", "VH", "elevation")
+    chipped = True
 
     def __init__(
         self,
@@ -428,7 +445,7 @@ class MMFloodSource(ModalitySource):
 
         ds = MMFlood(self.root, split=self.split, include_dem="ele" in self.modalities)
         self._queries = list(GridGeoSampler(ds, size=self.img_size, stride=self.img_size))
-        self.task = TaskSpec("mmflood", "segmentation", 2, ("no_flood", "flood"))
+        self.task = TaskSpec("mmflood", "segmentation", 2, ("no_flood", "flood"), ignore_index=255)
         return ds
 
     def __len__(self) -> int:

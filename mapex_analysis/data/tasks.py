@@ -63,6 +63,9 @@ class TaskSpec:
         class_names: Class names in label order.
         description: One line for tables and reports.
         clouds: Default probability that a scene carries clouds (0 = never).
+        ignore_index: Segmentation label value that marks pixels without a label (no data);
+            they are left out of probe training and of every metric. ``None``: every pixel
+            is labelled.
     """
 
     name: str
@@ -71,6 +74,7 @@ class TaskSpec:
     class_names: tuple[str, ...]
     description: str = ""
     clouds: float = 0.0
+    ignore_index: int | None = None
 
 
 TASKS: dict[str, TaskSpec] = {

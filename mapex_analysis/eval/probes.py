@@ -275,6 +275,9 @@ def _grid(num_patches: int, height: int, width: int) -> tuple[int, int, int]:
 def patch_majority_labels(masks: np.ndarray, grid: int, num_classes: int) -> np.ndarray:
     """Majority pixel label of every patch (ties go to the smaller class id).
 
+    Pixels whose label is outside ``[0, num_classes)`` (an ignore value such as 255) are not
+    counted; a patch with no labelled pixel gets ``-1``.
+
     Args:
         masks: Label maps ``(N, H, W)``, ``H = W = grid * patch``.
         grid: Patches per side.
@@ -288,7 +291,9 @@ def patch_majority_labels(masks: np.ndarray, grid: int, num_classes: int) -> np.
     # (N, gh, p, gw, p) -> (N, gh, gw, p*p)
     blocks = masks.reshape(n, grid, p, grid, p).transpose(0, 1, 3, 2, 4).reshape(n, grid * grid, -1)
     counts = (blocks[..., None] == np.arange(num_classes)).sum(axis=2)  # (N, P, C)
-    return counts.argmax(axis=-1).astype(np.int64)
+    labels = counts.argmax(axis=-1).astype(np.int64)
+    labels[counts.sum(axis=-1) == 0] = -1
+    return labels
 
 
 def segmentation_probe(
@@ -300,6 +305,7 @@ def segmentation_probe(
     num_classes: int,
     C: float = 1.0,
     seed: int = 0,
+    ignore_index: int | None = None,
 ) -> ProbeResult:
     """Linear segmentation probe on patch tokens.
 
@@ -315,6 +321,8 @@ def segmentation_probe(
         num_classes: Number of classes.
         C: Inverse L2 regularisation strength.
         seed: ``random_state`` of the solver.
+        ignore_index: Label of unlabelled pixels (no data): they train nothing (a patch with
+            no labelled pixel is left out) and are left out of every metric.
 
     Returns:
         :class:`ProbeResult` with pixel-level ``miou`` and ``accuracy`` and patch-level
@@ -337,17 +345,23 @@ def segmentation_probe(
     gh, gw, p = _grid(p_tok, *train_masks.shape[1:])
     train_lab = patch_majority_labels(train_masks, gh, num_classes)
     test_lab = patch_majority_labels(test_masks, gh, num_classes)
+    labelled = train_lab.ravel() >= 0
+    if not labelled.any():
+        raise ValueError("segmentation probe: no training patch has a labelled pixel")
     est = make_pipeline(StandardScaler(), _logreg(C, seed))
-    est.fit(train_X.reshape(-1, d), train_lab.ravel())
+    est.fit(train_X.reshape(-1, d)[labelled], train_lab.ravel()[labelled])
     patch_pred = est.predict(test_X.reshape(-1, test_X.shape[-1])).reshape(len(test_X), gh, gw)
     pixel_pred = np.repeat(np.repeat(patch_pred, p, axis=1), p, axis=2)
+    pix = test_masks != ignore_index if ignore_index is not None else np.ones_like(test_masks, bool)
+    pat = test_lab >= 0
+    flat_pred = patch_pred.reshape(len(test_X), -1)
     return ProbeResult(
         pixel_pred,
         None,
         {
-            "miou": mean_iou(test_masks, pixel_pred, num_classes),
-            "accuracy": accuracy(test_masks.ravel(), pixel_pred.ravel()),
-            "patch_miou": mean_iou(test_lab, patch_pred.reshape(len(test_X), -1), num_classes),
+            "miou": mean_iou(test_masks[pix], pixel_pred[pix], num_classes),
+            "accuracy": accuracy(test_masks[pix], pixel_pred[pix]),
+            "patch_miou": mean_iou(test_lab[pat], flat_pred[pat], num_classes),
         },
         est,
     )

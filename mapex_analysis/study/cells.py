@@ -17,13 +17,14 @@ from torch import nn
 from mapex_analysis.eval.features import extract_features
 from mapex_analysis.eval.finetune import finetune
 from mapex_analysis.eval.probes import run_probe
+from mapex_analysis.modalities import unit_checks
 from mapex_analysis.ops.record import applied_ops
 from mapex_analysis.study.context import StudyContext, seed_everything
 from mapex_analysis.study.grid import Cell
 from mapex_analysis.study.measures import rows_function, selected
 from mapex_analysis.study.measures.base import CostInputs, EvalInputs, base_row
 from mapex_analysis.study.measures.cost import pruning_rows
-from mapex_analysis.study.provenance import checkpoint_fingerprint
+from mapex_analysis.study.provenance import model_fingerprint
 from mapex_analysis.study.schema import ModelConfig
 
 __all__ = ["cell_rows", "feature_cache_key"]
@@ -45,7 +46,7 @@ def feature_cache_key(cfg: ModelConfig, cell: Cell, model: nn.Module) -> str:
     Returns:
         The key (the feature cache hashes it together with the data).
     """
-    weights = checkpoint_fingerprint(cfg.source) if cfg.is_checkpoint else ""
+    weights = model_fingerprint(cfg)
     plan = json.dumps(applied_ops(model), sort_keys=True, default=str)
     return (
         f"{cell.model}|{cfg.source}|{weights}|{json.dumps(cfg.kwargs, sort_keys=True)}|"
@@ -80,6 +81,8 @@ def _probe_rows(m: EvalInputs) -> list[dict[str, Any]]:
             logger.info("segmentation has no k-NN probe; skipped for %s", cell.describe())
             continue
         kwargs: dict[str, Any] = {"k": study.knn_k} if protocol == "knn" else {"seed": cell.seed}
+        if spec.kind == "segmentation":
+            kwargs["ignore_index"] = spec.ignore_index
         res_p = run_probe(protocol, spec.kind, feats.train.X, feats.train.y, feats.test.X,
                           feats.test.y, num_classes=spec.num_classes, **kwargs)  # fmt: skip
         m.probes[protocol] = res_p
@@ -112,6 +115,8 @@ def _eval_rows(ctx: StudyContext, cell: Cell) -> list[dict[str, Any]]:
 
 
 def cell_rows(ctx: StudyContext, cell: Cell) -> list[dict[str, Any]]:
-    """Every result row of ``cell`` (seeded by the cell's seed)."""
+    """Every result row of ``cell`` (seeded by the cell's seed; model inputs unit-checked
+    unless ``data.check_units`` is false)."""
     seed_everything(max(cell.seed, 0))
-    return _cost_rows(ctx, cell) if cell.kind == "cost" else _eval_rows(ctx, cell)
+    with unit_checks(ctx.study.data.check_units):
+        return _cost_rows(ctx, cell) if cell.kind == "cost" else _eval_rows(ctx, cell)

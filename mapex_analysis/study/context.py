@@ -14,12 +14,14 @@ import torch
 from torch import nn
 
 from mapex_analysis.data import SynthEO
+from mapex_analysis.data.materialize import EmptySourceError, SourceSplit, load_split
 from mapex_analysis.factory import create_model
 from mapex_analysis.ops.prune import PrunePlan, prune_experts
 from mapex_analysis.ops.slim import slim_width
+from mapex_analysis.options import DEFAULT_MODALITIES
 from mapex_analysis.study.schema import ModelConfig, Study
 
-__all__ = ["StudyContext", "build_base", "seed_everything"]
+__all__ = ["StudyContext", "build_base", "data_modalities", "seed_everything"]
 
 #: Variant models kept per process (a pruned ``mapex_base`` is hundreds of MB).
 VARIANT_CACHE = 8
@@ -33,7 +35,8 @@ def seed_everything(seed: int) -> None:
 
 
 def build_base(cfg: ModelConfig) -> nn.Module:
-    """The unmodified model of a study entry (seeded random init for registry names).
+    """The unmodified model of a study entry (seeded random init for registry names, then the
+    entry's ``weights`` file loaded strictly when given).
 
     Args:
         cfg: The model entry.
@@ -48,8 +51,18 @@ def build_base(cfg: ModelConfig) -> nn.Module:
         if cfg.router is not None:
             kwargs.setdefault("router", cfg.router)
         seed_everything(cfg.init_seed)
-        model = create_model(cfg.source, **kwargs)
+        model = create_model(cfg.source, weights=cfg.weights, **kwargs)
     return model.eval()
+
+
+def data_modalities(study: Study) -> tuple[str, ...]:
+    """The modalities the study's data carries: SynthEO's six, or every registered modality a
+    real source's bands fully cover (EuroSAT: the six Sentinel-2 groups; MMFlood: sar, ele)."""
+    if not study.data.is_real:
+        return DEFAULT_MODALITIES
+    from mapex_analysis.data.sources import SOURCES
+
+    return SOURCES[study.data.source].covered_modalities()
 
 
 class StudyContext:
@@ -100,13 +113,36 @@ class StudyContext:
         return prune_experts(model, list(mods), strategy=step.strategy,  # type: ignore[arg-type]
                              calibration=calibration, coverage=step.coverage)  # fmt: skip
 
-    def _build_dataset(self, task: str, seed: int, split: str) -> SynthEO:
+    def _build_dataset(self, task: str, seed: int, split: str) -> SynthEO | SourceSplit:
         d = self.study.data
+        if d.is_real:
+            from mapex_analysis.data.sources import SOURCES
+
+            assert d.root is not None  # validated
+            try:
+                return load_split(
+                    d.source,
+                    d.root,
+                    d.splits[split],  # type: ignore[index]
+                    n=d.n(split),
+                    seed=d.seed + seed,
+                    img_size=d.img_size,
+                    resize=d.resize,
+                    modalities=SOURCES[d.source].covered_modalities(),
+                    study_split=split,
+                    options=d.options,
+                )
+            except EmptySourceError as err:
+                key = "n_train" if split == "train" else "n_test"
+                raise EmptySourceError(
+                    f"data.{key} = {d.n(split) or 'all'}, data.splits.{split} = "
+                    f"{d.splits[split]!r}: {err}"  # type: ignore[index]
+                ) from None
         return SynthEO(
             task,
             split,
             seed=d.seed + seed,
-            n=d.n_train if split == "train" else d.n_test,
+            n=d.n(split),
             img_size=d.img_size,
             clouds=d.clouds,
         )

@@ -26,9 +26,9 @@ from mapex_analysis.models.contract import modalities_of
 from mapex_analysis.ops.prune import PrunePlan
 from mapex_analysis.ops.slim import SlimPlan
 from mapex_analysis.options import DEFAULT_MODALITIES
-from mapex_analysis.study.context import build_base
+from mapex_analysis.study.context import build_base, data_modalities
 from mapex_analysis.study.measures import selected
-from mapex_analysis.study.provenance import checkpoint_fingerprint
+from mapex_analysis.study.provenance import model_fingerprint
 from mapex_analysis.study.schema import ModelConfig, Study
 
 __all__ = ["Cell", "Step", "Variant", "plan_grid", "sorted_modalities", "step_key"]
@@ -141,7 +141,7 @@ class Cell:
             "model_cfg": cfg.model_dump(
                 mode="json", exclude={"slim_widths", "slim_set_widths", "operators"}
             ),
-            "weights": checkpoint_fingerprint(cfg.source) if cfg.is_checkpoint else "",
+            "weights": model_fingerprint(cfg),
             "variant": self.variant.key,
             "slim_seed": study.operators.slim.seed if study.operators.slim else 0,
             "prune": study.operators.prune.model_dump(mode="json")
@@ -176,8 +176,11 @@ class Cell:
 
 
 def sorted_modalities(declared: tuple[str, ...]) -> tuple[str, ...]:
-    """A model's modalities in the default modality order (others keep their order)."""
-    return tuple(m for m in DEFAULT_MODALITIES if m in declared) or declared
+    """A model's modalities in the default modality order, then the others in their order
+    (``coastal``, ``atmospheric``)."""
+    return tuple(m for m in DEFAULT_MODALITIES if m in declared) + tuple(
+        m for m in declared if m not in DEFAULT_MODALITIES
+    )
 
 
 def _variants(study: Study, cfg: ModelConfig, mods: tuple[str, ...]) -> list[tuple[Variant, tuple]]:
@@ -234,20 +237,31 @@ def plan_grid(study: Study, modalities: dict[str, tuple[str, ...]] | None = None
 
     Args:
         study: The validated study.
-        modalities: Model label -> its modalities; default: read from each built model.
+        modalities: Model label -> its modalities; default: read from each built model and
+            restricted to those the study's data carries (a MAPEX model on EuroSAT is fed its
+            four Sentinel-2 modalities).
 
     Returns:
         The cells.
     """
-    modalities = dict(modalities or {})
+    declared = dict(modalities or {})
+    carried = data_modalities(study)
+    fed_by: dict[str, tuple[str, ...]] = {}
     for label, cfg in study.models.items():
-        if label not in modalities:
-            modalities[label] = sorted_modalities(modalities_of(build_base(cfg)))
+        if label not in declared:
+            declared[label] = sorted_modalities(modalities_of(build_base(cfg)))
+        fed = tuple(m for m in declared[label] if m in carried)
+        if not fed:
+            raise ValueError(
+                f"models.{label}: {cfg.source} takes modalities {', '.join(declared[label])}, "
+                f"none of which data.source {study.data.source} carries ({', '.join(carried)})"
+            )
+        fed_by[label] = fed
     want_cost = bool(selected(study.measurements, "cost"))
     cost: list[Cell] = []
     evals: list[Cell] = []
     for label, cfg in study.models.items():
-        for variant, mods in _variants(study, cfg, modalities[label]):
+        for variant, mods in _variants(study, cfg, fed_by[label]):
             if want_cost:
                 cost.append(Cell("cost", label, variant, mods))
             for task in study.tasks:

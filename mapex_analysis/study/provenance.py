@@ -44,6 +44,23 @@ def checkpoint_fingerprint(source: str) -> str:
     return ":".join(parts)
 
 
+def model_fingerprint(cfg: Any) -> str:
+    """What identifies a study model's weights: the checkpoint fingerprint of a checkpoint
+    source, plus the SHA-256 prefix of a ``weights:`` file (a torchgeo weight name as is).
+
+    Args:
+        cfg: The model's :class:`~mapex_analysis.study.schema.ModelConfig`.
+
+    Returns:
+        A string that changes when the weights change.
+    """
+    parts = [checkpoint_fingerprint(cfg.source) if cfg.is_checkpoint else ""]
+    if cfg.weights is not None:
+        w = Path(cfg.weights)
+        parts.append(sha256_file(w, cached=True)[:16] if w.is_file() else str(cfg.weights))
+    return "|".join(parts)
+
+
 def _git_commit() -> str:
     try:
         out = subprocess.run(

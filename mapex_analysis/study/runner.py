@@ -180,6 +180,9 @@ def run_study(
     study_dir.mkdir(parents=True, exist_ok=True)
     save_config(study, study_dir)
     ctx = StudyContext(study)
+    if study.data.is_real:  # a missing root, split or file fails here, before any cell runs
+        for split in ("train", "test"):
+            ctx.dataset(study.tasks[0], study.seeds[0], split)
     cells = plan_grid(study, {label: sorted_modalities(modalities_of(ctx.base(label)))
                               for label in study.models})  # fmt: skip
     current = {cell.cell_id(study) for cell in cells}

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from mapex_analysis.config import ConfigError, Strict, format_validation_error, load_yaml, validate
@@ -48,6 +48,7 @@ from mapex_analysis.options import (
 from mapex_analysis.study.measures import measurement_names
 
 __all__ = [
+    "STUDY_SOURCES",
     "DataConfig",
     "ExecutionConfig",
     "JobResources",
@@ -108,6 +109,10 @@ class ModelConfig(Strict):
         router: For router-ablation models: the router kind (passed to registry names as
             the ``router`` keyword; for checkpoints only a label).
         kwargs: Extra keyword arguments for registry entry points (``depth=2``...).
+        weights: A local weights file for a registry entry (an adapter's upstream format,
+            ``.pth``/``.pt`` or ``.safetensors``; or a torchgeo weight name such as
+            ``DOFABase16_Weights.DOFA_MAE``, which downloads), loaded strictly: a missing,
+            unexpected or mis-shaped key is an error naming it.
         init_seed: Seed of the random initialisation of registry models.
         operators: Which of the study's operators apply to this model (e.g. only ``prune``
             for router-ablation models).
@@ -123,6 +128,7 @@ class ModelConfig(Strict):
     role: Role = "mapex"
     router: Router | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = None
     init_seed: int = 0
     operators: list[Operator] = Field(default=["prune", "slim"])
     slim_widths: Literal["paper"] | list[float] | None = None
@@ -142,32 +148,123 @@ class ModelConfig(Strict):
             raise ValueError(str(err)) from None
         return v
 
+    @field_validator("weights")
+    @classmethod
+    def _weights_file(cls, v: str | None) -> str | None:
+        if v is None or "_Weights." in v:  # torchgeo weight enum names
+            return v
+        if not Path(v).is_file():
+            raise ValueError(
+                f"weights file {v!r} does not exist (a local .pth/.pt/.safetensors file, or a "
+                "torchgeo weight name such as DOFABase16_Weights.DOFA_MAE)"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _weights_for_registry(self) -> ModelConfig:
+        if self.weights is not None and self.is_checkpoint:
+            raise ValueError(
+                f"weights: {self.source} is a checkpoint directory and carries its own weights"
+            )
+        return self
+
     @property
     def is_checkpoint(self) -> bool:
         """Whether :attr:`source` is a checkpoint directory."""
         return resolve_source(self.source, check=False).is_checkpoint
 
 
+#: Real-data sources a study can read (``mmearth`` is for pretraining).
+STUDY_SOURCES: tuple[str, ...] = (
+    "eurosat", "bigearthnet_v2", "mmflood", "m-eurosat", "m-bigearthnet", "m-brick-kiln",
+    "m-so2sat",
+)  # fmt: skip
+
+DataSource = Literal[
+    "syntheo", "eurosat", "bigearthnet_v2", "mmflood", "m-eurosat", "m-bigearthnet",
+    "m-brick-kiln", "m-so2sat",
+]  # fmt: skip
+
+
+StudySplit = Literal["train", "test"]
+
+
+def _default_splits() -> dict[StudySplit, str]:
+    return {"train": "train", "test": "test"}
+
+
 class DataConfig(Strict):
-    """The data: SynthEO, the built-in seeded generator.
+    """The data: SynthEO (the built-in seeded generator) or a real dataset on disk.
 
     Attributes:
-        source: ``syntheo``.
-        seed: Base seed of the generator (the study seed is added to it).
-        img_size: Scene size in pixels.
-        n_train: Training scenes per task (probe fitting).
-        n_test: Test scenes per task (probe evaluation).
-        clouds: Cloud probability override (``None``: the task's default).
+        source: ``syntheo`` (default), a torchgeo dataset (``eurosat``, ``bigearthnet_v2``,
+            ``mmflood``) or a GEO-Bench classification task (``m-eurosat``, ``m-bigearthnet``,
+            ``m-brick-kiln``, ``m-so2sat``). A real source gives the study its one task (kind
+            and classes from the source).
+        root: Directory of a real source (in torchgeo's layout, or a GEO-Bench task folder).
+        splits: Study split -> the source's split (``{train: train, test: val}``); the study
+            uses ``train`` (probe fitting, calibration) and ``test`` (scoring).
+        seed: Base seed of the generator or of the sample draw (the study seed is added).
+        img_size: Scene size in pixels (real sources: every sample is brought to it; chip
+            size for MMFlood).
+        resize: How real samples reach ``img_size``: ``bilinear`` resampling (label maps:
+            nearest) or a centre ``crop`` (samples smaller than ``img_size`` are errors).
+        n_train: Training scenes per task, or ``all`` (real sources).
+        n_test: Test scenes per task, or ``all`` (real sources).
+        clouds: SynthEO cloud probability override (``None``: the task's default).
         batch_size: Samples per forward pass during feature extraction.
+        options: Extra keyword arguments of a real source (``sar_scale: db`` for MMFlood...).
+        check_units: Refuse model inputs whose values cannot be in their physical unit (raw
+            digital numbers, linear SAR power, NaN); ``false`` opts out explicitly.
     """
 
-    source: Literal["syntheo"] = "syntheo"
+    source: DataSource = "syntheo"
+    root: str | None = None
+    splits: dict[StudySplit, str] = Field(default_factory=_default_splits)
     seed: int = 0
     img_size: int = Field(default=32, ge=8)
-    n_train: int = Field(default=256, ge=10)
-    n_test: int = Field(default=256, ge=10)
+    resize: Literal["bilinear", "crop"] = "bilinear"
+    n_train: int | Literal["all"] = 256
+    n_test: int | Literal["all"] = 256
     clouds: float | None = Field(default=None, ge=0.0, le=1.0)
     batch_size: int = Field(default=256, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+    check_units: bool = True
+
+    @field_validator("n_train", "n_test")
+    @classmethod
+    def _n(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 10:
+            raise ValueError(f"{v} scenes are too few; use at least 10 (or all)")
+        return v
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> DataConfig:
+        if self.source == "syntheo":
+            bad = [k for k in ("n_train", "n_test") if getattr(self, k) == "all"]
+            if bad:
+                raise ValueError(f"{bad[0]}: all needs a real source; SynthEO takes a number")
+            if self.root is not None or self.options:
+                raise ValueError("root and options are for real sources; SynthEO takes neither")
+        else:
+            if self.root is None:
+                raise ValueError(f"source {self.source!r} needs root: the dataset directory")
+            if self.clouds is not None:
+                raise ValueError("clouds is a SynthEO setting; a real source has its own clouds")
+            missing = [k for k in ("train", "test") if k not in self.splits]
+            if missing:
+                raise ValueError(f"splits needs a source split for {', '.join(missing)}")
+        return self
+
+    @property
+    def is_real(self) -> bool:
+        """Whether the data is a real source (not SynthEO)."""
+        return self.source != "syntheo"
+
+    def n(self, split: str) -> int | None:
+        """Samples of a study split (``None``: all)."""
+        v = self.n_train if split == "train" else self.n_test
+        return None if v == "all" else int(v)
 
 
 ModalitySet = list[str]
@@ -473,7 +570,7 @@ class Study(Strict):
     description: str = ""
     models: dict[str, ModelConfig] = Field(min_length=1)
     data: DataConfig = DataConfig()
-    tasks: list[str] = Field(min_length=1)
+    tasks: list[str] = Field(default_factory=list, validate_default=True)
     operators: OperatorsConfig = OperatorsConfig()
     protocols: list[Protocol] = Field(default=["knn", "linear"], min_length=1)
     knn_k: int = Field(default=5, ge=1)
@@ -508,7 +605,22 @@ class Study(Strict):
 
     @field_validator("tasks")
     @classmethod
-    def _tasks(cls, v: list[str]) -> list[str]:
+    def _tasks(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        data = info.data.get("data")
+        source = data.source if isinstance(data, DataConfig) else "syntheo"
+        if source != "syntheo":
+            if v not in ([], [source]):
+                raise ValueError(
+                    f"data.source {source} gives the study its one task {source!r} (kind and "
+                    f"classes from the files); write tasks: [{source}] or omit tasks"
+                )
+            return [source]
+        if not v:
+            raise ValueError(
+                "give at least one SynthEO task ("
+                + ", ".join(t for t, sp in TASKS.items() if sp.kind != "unlabelled")
+                + ")"
+            )
         valid = [t for t, spec in TASKS.items() if spec.kind != "unlabelled"]
         return _known_names(v, valid, "task", "valid tasks")
 
