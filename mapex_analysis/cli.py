@@ -90,8 +90,14 @@ def list_models() -> None:
     help="Fill the bands a fixed-band model needs that the fed modalities lack (0 in physical "
     "units, or each band's mean); default: a missing band is an error.",
 )
+@click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda or cuda:N.")
 def macs(
-    model: str, width: float | None, modalities: str | None, batch_size: int, fill: str | None
+    model: str,
+    width: float | None,
+    modalities: str | None,
+    batch_size: int,
+    fill: str | None,
+    device: str,
 ) -> None:
     """MACs (per op, per modality, two counters) and parameters of MODEL.
 
@@ -103,7 +109,8 @@ def macs(
 
     mods = [m.strip() for m in modalities.split(",") if m.strip()] if modalities else None
     try:
-        cost = measure_cost(model, width=width, modalities=mods, batch_size=batch_size, fill=fill)
+        cost = measure_cost(model, width=width, modalities=mods, batch_size=batch_size, fill=fill,
+                            device=device)  # fmt: skip
     except (MacsError, ModalityError, UnknownModelError, ValueError) as err:
         if "missing bands" in str(err):
             err = ValueError(f"{err} (on the command line: --fill zeros or --fill mean)")
@@ -117,7 +124,7 @@ def macs(
     console.print(
         f"[bold]{cost.model}[/]"
         + (f" at width {cost.width:g}" if cost.width is not None else "")
-        + f", batch {cost.batch_size}, inputs {rep.input_shapes}"
+        + f", batch {cost.batch_size}, on {cost.device}, inputs {rep.input_shapes}"
     )
     scale, prefix = (1e9, "G") if rep.total >= 1e9 else (1e6, "M")
     console.print(
@@ -154,6 +161,11 @@ def macs(
 @click.option("--num-nodes", type=int, default=None, help="Number of nodes (DDP).")
 @click.option("--accelerator", default=None, help="auto, cpu, gpu... (default: the config's).")
 @click.option(
+    "--device",
+    default=None,
+    help="One device: cpu, cuda, cuda:N or auto (sets --accelerator and --devices).",
+)
+@click.option(
     "--strategy",
     default=None,
     help="Lightning strategy (default: auto for one process, ddp with unused parameters "
@@ -174,6 +186,7 @@ def pretrain_cmd(
     devices: str | None,
     num_nodes: int | None,
     accelerator: str | None,
+    device: str | None,
     strategy: str | None,
     max_steps: int | None,
     output_dir: str | None,
@@ -183,11 +196,25 @@ def pretrain_cmd(
     from mapex_analysis.train.evaluation import KnnMonitor
     from mapex_analysis.train.pretrain import pretrain
 
-    dev: int | str | None = int(devices) if devices and devices.isdigit() else devices
+    dev: int | str | list[int] | None = int(devices) if devices and devices.isdigit() else devices
+    if device is not None:
+        from mapex_analysis.device import DeviceError, resolve_device
+
+        if devices is not None or accelerator is not None:
+            _fail(ValueError("--device sets the accelerator and devices; give it alone"))
+            return
+        try:
+            chosen = resolve_device(device)
+        except DeviceError as err:
+            _fail(err)
+            return
+        accelerator = "cpu" if chosen.type == "cpu" else "gpu"
+        dev = 1 if chosen.type == "cpu" else [int(chosen.index or 0)]
     opts = {
         "--devices": devices,
         "--num-nodes": num_nodes,
-        "--accelerator": accelerator,
+        "--accelerator": accelerator if device is None else None,
+        "--device": device,
         "--strategy": strategy,
         "--max-steps": max_steps,
         "--output-dir": output_dir,
@@ -201,7 +228,7 @@ def pretrain_cmd(
     try:
         res = pretrain(
             config,
-            devices=dev,
+            devices=dev,  # type: ignore[arg-type]
             num_nodes=num_nodes,
             accelerator=accelerator,
             strategy=strategy,
@@ -246,7 +273,12 @@ def validate(study: str) -> None:
     "(dask-jobqueue, resources from the YAML's execution:) or tcp://host:port (a running "
     "scheduler). Overrides execution.cluster.",
 )
-def run(study: str, dry_run: bool, fresh: bool, cluster: str | None) -> None:
+@click.option(
+    "--device",
+    default=None,
+    help="Where models run: auto, cpu, cuda, cuda:N (default: the study's device).",
+)
+def run(study: str, dry_run: bool, fresh: bool, cluster: str | None, device: str | None) -> None:
     """Run a STUDY (resumable: finished cells are skipped), writing reports/<study>/."""
     try:
         if cluster is not None:
@@ -285,7 +317,8 @@ def run(study: str, dry_run: bool, fresh: bool, cluster: str | None) -> None:
         from mapex_analysis.models.weights import WeightsError
 
         try:
-            summary = run_study(cfg, fresh=fresh, progress=on_cell, cluster=cluster)
+            summary = run_study(cfg, fresh=fresh, progress=on_cell, cluster=cluster,
+                                device=device)  # fmt: skip
         except (ValueError, ModuleNotFoundError, FileNotFoundError, WeightsError) as err:
             _fail(err)
             return

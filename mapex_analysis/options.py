@@ -11,7 +11,9 @@ from typing import Literal, get_args
 
 __all__ = [
     "DEFAULT_MODALITIES",
+    "DEVICE_PATTERN",
     "FILL_POLICIES",
+    "Precision",
     "OPERATORS",
     "POOLS",
     "PROTOCOLS",
@@ -85,3 +87,9 @@ POOLS: tuple[str, ...] = get_args(Pool)
 FillPolicy = Literal["zeros", "mean"]
 #: How an adapter may fill bands the data lacks when the caller asks (``None``: an error).
 FILL_POLICIES: tuple[str, ...] = get_args(FillPolicy)
+
+#: Device strings of studies and ``--device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+DEVICE_PATTERN = r"auto|cpu|cuda(?::(\d+))?"
+
+#: Numeric precision of feature extraction (``bf16`` / ``fp16``: autocast).
+Precision = Literal["fp32", "bf16", "fp16"]

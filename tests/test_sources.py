@@ -184,3 +184,37 @@ def test_missing_root_and_bad_names(tmp_path: Path) -> None:
         EuroSATSource(tmp_path, modalities=[])
     with pytest.raises(ModalityError, match="unknown modality 'thermal'"):
         EuroSATSource(tmp_path, modalities=["thermal"])
+
+
+def test_geobench_tasks_read_hdf5_without_the_geobench_package(tmp_path: Path) -> None:
+    from fixtures.data_sources import geobench_dn, write_geobench
+
+    from mapex_analysis.data.sources import SOURCES
+
+    bands = SOURCES["m-eurosat"].available_bands
+    write_geobench(tmp_path / "m-eurosat", bands, n_classes=10, per_split=4)
+    ds = open_source("m-eurosat", tmp_path / "m-eurosat", "valid")
+    assert len(ds) == 4 and ds.task.kind == "multiclass" and ds.task.num_classes == 10
+    assert ds.task.class_names[:2] == ("lc_0", "lc_1")  # from task_specs.pkl
+    s = ds[1]
+    # rgb = (B04, B03, B02): DN 100 * (position + 1) + 50 for odd samples, / 10,000
+    assert _const(s["rgb"]) == pytest.approx([0.045, 0.035, 0.025])
+    assert _const(s["swir"]) == pytest.approx(
+        [geobench_dn("B11", 1) / 1e4, geobench_dn("B12", 1) / 1e4, geobench_dn("B8A", 1) / 1e4]
+    )
+    assert s["label"].item() == 1 and ds[0]["label"].item() == 0
+    full = open_source("m-eurosat", tmp_path / "m-eurosat", "train",
+                       modalities=["coastal", "atmospheric"])  # fmt: skip
+    assert _const(full[0]["atmospheric"]) == pytest.approx([0.10, 0.11])  # B09, B10
+    for m in ("rgb", "swir"):
+        check_units(m, s[m])
+    # m-bigearthnet is multi-label over 43 classes and has no B10
+    write_geobench(tmp_path / "m-bigearthnet", SOURCES["m-bigearthnet"].available_bands,
+                   n_classes=43, multilabel=True, per_split=2)  # fmt: skip
+    ben = open_source("m-bigearthnet", tmp_path / "m-bigearthnet", "test")
+    assert ben.task.kind == "multilabel" and ben[0]["label"].shape == (43,)
+    assert torch.nonzero(ben[0]["label"]).flatten().tolist() == [0, 2]
+    with pytest.raises(BandError, match=r"lacks band\(s\) B10 of modality 'atmospheric'"):
+        open_source("m-bigearthnet", tmp_path / "m-bigearthnet", modalities=["atmospheric"])
+    with pytest.raises(TaskError, match=r"has no split 'val'; valid splits: train, valid, test"):
+        open_source("m-eurosat", tmp_path / "m-eurosat", "val")

@@ -21,7 +21,11 @@ anything. Supported: :class:`EuroSATSource`, :class:`BigEarthNetV2Source`,
 from __future__ import annotations
 
 import abc
+import ast
+import io
+import json
 import os
+import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +48,7 @@ __all__ = [
     "SOURCES",
     "BigEarthNetV2Source",
     "EuroSATSource",
+    "GeoBenchSource",
     "MMEarthSource",
     "MMFloodSource",
     "ModalitySource",
@@ -499,3 +504,172 @@ def open_source(
             f"unknown data source {name!r}; valid sources: {', '.join(SOURCES)}"
         ) from None
     return cls(root, split, **kwargs)
+
+
+# --------------------------------------------------------------------------- GEO-Bench
+
+
+class _Opaque:
+    """Stand-in for a class of a GEO-Bench pickle (band info, transforms): keeps its state."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Opaque:
+        obj = object.__new__(cls)
+        obj.__dict__["_args"] = args
+        return obj
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+            state = {**(state[0] or {}), **state[1]}  # (dict state, slot state)
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.__dict__["_state"] = state
+
+
+class _GeoBenchUnpickler(pickle.Unpickler):
+    """Reads GEO-Bench's pickled metadata without the ``geobench`` package: its classes (and
+    rasterio / affine objects) become :class:`_Opaque`; numpy and builtins load as
+    themselves; anything else is refused (no code from a data file runs)."""
+
+    _ALLOWED = ("builtins", "collections", "datetime", "numpy", "copyreg", "_codecs")
+    _OPAQUE = ("geobench", "rasterio", "affine", "pathlib")
+
+    def find_class(self, module: str, name: str) -> Any:
+        root = module.split(".")[0]
+        if root in self._OPAQUE:
+            return type(name, (_Opaque,), {"__module__": module})
+        if root in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"GEO-Bench metadata refers to {module}.{name}; refused")
+
+
+def _geobench_attrs(fp: Any) -> dict[str, Any]:
+    return _GeoBenchUnpickler(io.BytesIO(ast.literal_eval(fp.attrs["pickle"]))).load()
+
+
+def geobench_band(name: str) -> str | None:
+    """Project band of a GEO-Bench Sentinel-2 band name (``"08A - Vegetation Red Edge"`` ->
+    ``B8A``), or ``None`` for other bands (Sentinel-1 complex parts, masks)."""
+    head = name.split(" - ")[0].strip()
+    if " - " not in name or not head[:2].isdigit():
+        return None
+    band = "B8A" if head.upper() == "08A" else f"B{int(head[:2]):02d}"
+    return band if band in S2_BANDS_ALL else None
+
+
+S2_BANDS_ALL: tuple[str, ...] = (
+    "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12",
+)  # fmt: skip
+
+
+class GeoBenchSource(ModalitySource):
+    """A GEO-Bench classification task (Lacoste et al., 2023): one HDF5 file per sample.
+
+    Reads the converted benchmark's task folder directly with h5py: ``default_partition.json``
+    (sample names per split ``train`` / ``valid`` / ``test``), ``task_specs.pkl`` (label type and
+    class names) and ``<sample>.hdf5`` files holding one dataset per band (named as GEO-Bench
+    names them, ``"04 - Red"``) plus a pickled attribute dict with the band order and the label.
+    GEO-Bench's own classes in those pickles are read as opaque objects, so the ``geobench``
+    package is not needed and nothing in a data file is executed.
+
+    Sentinel-2 bands are stored as digital numbers (reflectance x 10,000, int16) and divided
+    by 10,000; a band stored as floats of at most 2 is taken as reflectance already. Only the
+    Sentinel-2 bands are read (m-so2sat's Sentinel-1 bands are complex parts, not dB).
+
+    Args:
+        root: The task folder (``.../classification_v1.0/m-eurosat``).
+        split: ``train``, ``valid`` or ``test``.
+        modalities: Default: every modality the task's bands cover.
+    """
+
+    splits = ("train", "valid", "test")
+    task_name = ""
+    kind: Literal["multiclass", "multilabel"] = "multiclass"
+    num_classes = 0
+
+    def _build(self) -> Any:
+        import h5py
+
+        part = Path(self.root) / "default_partition.json"
+        if not part.is_file():
+            raise FileNotFoundError(
+                f"{self.name}: no default_partition.json in {self.root!r} (expected a GEO-Bench "
+                "task folder holding default_partition.json, task_specs.pkl and *.hdf5)"
+            )
+        names = json.loads(part.read_text()).get(self.split, [])
+        files = [Path(self.root) / f"{n}.hdf5" for n in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{self.name}: sample file {missing[0]} is missing")
+        self._files = files
+        self._h5 = h5py
+        class_names: tuple[str, ...] = tuple(f"class_{i}" for i in range(self.num_classes))
+        specs = Path(self.root) / "task_specs.pkl"
+        if specs.is_file():
+            with specs.open("rb") as fh:
+                spec = _GeoBenchUnpickler(fh).load()
+            label_type = getattr(spec, "label_type", None)
+            stored = getattr(label_type, "class_names", None) or getattr(
+                label_type, "_class_names", None
+            )
+            if stored and len(stored) == self.num_classes:
+                class_names = tuple(str(c) for c in stored)
+        self.task = TaskSpec(self.task_name, self.kind, self.num_classes, class_names)
+        return files
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        path = self._files[index]
+        with self._h5.File(path, "r") as fp:
+            attrs = _geobench_attrs(fp)
+            order = attrs.get("bands_order", list(fp.keys()))
+            by_band: dict[str, Tensor] = {}
+            for key in order:
+                band = geobench_band(str(key))
+                if band is None or band in by_band:
+                    continue
+                raw = np.asarray(fp[key])
+                data = torch.from_numpy(raw.astype(np.float32))
+                if data.dim() == 3:  # (H, W, 1)
+                    data = data[..., 0]
+                floats = np.issubdtype(raw.dtype, np.floating)
+                by_band[band] = data if floats and float(np.nanmax(raw)) <= 2.0 else data / 1e4
+            label = attrs.get("label")
+        names = tuple(by_band)
+        image = torch.stack([by_band[b] for b in names])
+        out = select_modalities(image, names, self.modalities, where=f"{self.name} {path.name}")
+        if self.kind == "multilabel":
+            out["label"] = torch.as_tensor(np.asarray(label), dtype=torch.float32)
+        else:
+            out["label"] = torch.as_tensor(int(np.asarray(label))).long()
+        return out
+
+    def _convert(self, raw: Mapping[str, Any]) -> dict[str, Tensor]:  # pragma: no cover
+        raise NotImplementedError  # __getitem__ reads the files itself
+
+
+def _geobench(name: str, task: str, bands: tuple[str, ...], kind: str, n: int) -> type:
+    return type(
+        f"GeoBench_{task.replace('-', '_')}",
+        (GeoBenchSource,),
+        {"name": name, "task_name": task, "available_bands": bands, "kind": kind,
+         "num_classes": n, "__doc__": f"GEO-Bench {task}: {n} classes ({kind})."},
+    )  # fmt: skip
+
+
+_S2_12 = tuple(b for b in S2_BANDS_ALL if b != "B10")
+SOURCES.update(
+    {
+        # class counts and bands of the GEO-Bench v1.0 classification tasks
+        "m-eurosat": _geobench("GEO-Bench m-eurosat", "m-eurosat", S2_BANDS_ALL, "multiclass", 10),
+        "m-bigearthnet": _geobench("GEO-Bench m-bigearthnet", "m-bigearthnet", _S2_12,
+                                   "multilabel", 43),
+        "m-brick-kiln": _geobench("GEO-Bench m-brick-kiln", "m-brick-kiln", S2_BANDS_ALL,
+                                  "multiclass", 2),
+        "m-so2sat": _geobench("GEO-Bench m-so2sat", "m-so2sat",
+                              ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11",
+                               "B12"), "multiclass", 17),
+    }
+)  # fmt: skip

@@ -125,6 +125,14 @@ class Features:
         return self["test"]
 
 
+#: Feature-extraction precision -> autocast dtype (``None``: plain float32).
+_AUTOCAST: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
 def as_arrays(data: Any, modalities: Sequence[str]) -> dict[str, np.ndarray]:
     """The chosen modalities (and ``label``, if any) of a split as numpy arrays.
 
@@ -311,6 +319,7 @@ def extract_features(
     batch_size: int = 256,
     cache_dir: str | Path | None = None,
     cache_key: str | None = None,
+    precision: str = "fp32",
 ) -> Features:
     """Frozen features of ``model`` on the chosen modalities of one or several splits.
 
@@ -326,6 +335,9 @@ def extract_features(
         cache_dir: Folder for the feature cache; ``None`` disables caching.
         cache_key: Key of the model variant (e.g. ``"mapex_tiny|prune=sar"``); default: a
             fingerprint of the model's spec, applied operators and weights.
+        precision: ``fp32``, or ``bf16`` / ``fp16`` to run the forward passes under
+            ``torch.autocast`` on the model's device (features are stored as float32; the
+            precision is part of the cache key).
 
     Returns:
         :class:`Features` with one :class:`SplitFeatures` per split.
@@ -342,6 +354,8 @@ def extract_features(
         raise ValueError(f"unknown pool {pool!r}; valid: {', '.join(POOLS)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if precision not in _AUTOCAST:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(_AUTOCAST)}")
     if pool == "cls" and getattr(model, "pool", None) != "cls" and num_prefix_tokens(model) == 0:
         raise _no_cls_token(type(model).__name__)  # before any data is read
     model_key = cache_key or (model_fingerprint(model) if cache_dir is not None else "")
@@ -363,6 +377,7 @@ def extract_features(
                     "data": data_fingerprint({**arrays, "label": label}),
                     "modalities": list(modalities),
                     "pool": pool,
+                    **({"precision": precision} if precision != "fp32" else {}),
                 }
                 cache = ArrayCache(cache_dir)
                 hit = cache.load(meta, "features")
@@ -371,7 +386,12 @@ def extract_features(
                     out[split] = SplitFeatures(hit["X"], hit["y"])
                     continue
             chunks = []
-            with torch.inference_mode():
+            dtype = _AUTOCAST[precision]
+            dev_type = device.type if device is not None else "cpu"
+            with (
+                torch.inference_mode(),
+                torch.autocast(dev_type, dtype=dtype or torch.float32, enabled=dtype is not None),
+            ):
                 for x in _batches(arrays, modalities, batch_size, device):
                     chunks.append(_pooled(model, x, pool).float().cpu().numpy())
             feats = SplitFeatures(np.concatenate(chunks, axis=0).astype(np.float32), label)

@@ -116,7 +116,12 @@ def _evaluate(
     model: FinetunedModel, x: dict[str, Tensor], y: Tensor, kind: str, num_classes: int, bs: int
 ) -> float:
     model.eval()
-    outs = [model({m: t[i : i + bs] for m, t in x.items()}) for i in range(0, len(y), bs)]
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        outs = [
+            model({m: t[i : i + bs].to(dev) for m, t in x.items()}).float().cpu()
+            for i in range(0, len(y), bs)
+        ]
     logits = torch.cat(outs)
     if kind == "multilabel":
         return multilabel_map(y.numpy(), torch.sigmoid(logits).numpy())
@@ -178,7 +183,8 @@ def finetune(
         head_module: nn.Module = nn.Linear(int(net.num_features), outputs)
     else:
         head_module = copy.deepcopy(head)
-    ft = FinetunedModel(encoder, head_module, kind)
+    dev = next((p.device for p in encoder.parameters()), torch.device("cpu"))
+    ft = FinetunedModel(encoder, head_module.to(dev), kind)
     for p in ft.parameters():
         p.requires_grad_(True)
     x_tr, y_tr = _tensors(train_data, modalities, kind)
@@ -194,7 +200,7 @@ def finetune(
         total, seen = 0.0, 0
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
-            loss = _loss(kind, ft({m: t[idx] for m, t in x_tr.items()}), y_tr[idx])
+            loss = _loss(kind, ft({m: t[idx].to(dev) for m, t in x_tr.items()}), y_tr[idx].to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

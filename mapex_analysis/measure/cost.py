@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mapex_analysis.device import device_name, resolve_device
 from mapex_analysis.factory import create_model
 from mapex_analysis.measure.macs import MacsReport, count_macs
 from mapex_analysis.measure.params import ParamsReport, count_params
@@ -42,6 +43,7 @@ class CostReport:
         params: The parameter report (active parameters for ``modalities``).
         filled: Bands the model needed that the fed modalities lack, supplied by ``fill``.
         fill: The fill policy (``zeros`` or ``mean``), if one was asked for.
+        device: Name of the device the counted passes ran on.
     """
 
     model: str
@@ -52,6 +54,7 @@ class CostReport:
     params: ParamsReport
     filled: tuple[str, ...] = ()
     fill: str | None = None
+    device: str = ""
 
 
 def _img_size(model: nn.Module) -> tuple[int, int]:
@@ -132,6 +135,7 @@ def measure_cost(
     seed: int = 0,
     model_kwargs: Mapping[str, Any] | None = None,
     fill: str | None = None,
+    device: str = "cpu",
 ) -> CostReport:
     """MACs (two counters, per op, per modality) and parameters of a model variant.
 
@@ -147,6 +151,8 @@ def measure_cost(
         fill: ``zeros`` or ``mean``: let an adapter of a fixed-band model fill the bands the
             fed modalities lack (a 13-band model fed 12 bands); which bands were filled is in
             the report. ``None``: a missing band is an error.
+        device: Where the counted forward passes run (``auto``, ``cpu``, ``cuda``,
+            ``cuda:N``); MACs do not depend on it.
 
     Returns:
         The :class:`CostReport`.
@@ -170,7 +176,12 @@ def measure_cost(
         ) from None
     if width is not None:
         module = slim_width(module, width)
+    dev = resolve_device(device)
+    module = module.to(dev)
     inputs = example_inputs(module, batch_size=batch_size, modalities=modalities, seed=seed)
+    inputs = (
+        {k: v.to(dev) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(dev)
+    )
     fed = tuple(inputs) if isinstance(inputs, dict) else ()
     filled = (
         module.filled_bands(inputs)
@@ -192,4 +203,5 @@ def measure_cost(
         params=params,
         filled=tuple(filled),
         fill=fill,
+        device=device_name(dev),
     )

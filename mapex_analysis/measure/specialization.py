@@ -324,11 +324,15 @@ def collect_routing(
     totals: list[RoutingCounts | None] | None = None
     net: Any = model  # encode/tokenize: contract methods
     was_training = model.training
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     model.eval()
     try:
         with torch.inference_mode():
             for start in range(0, n, batch_size):
-                x = {m: torch.as_tensor(data[m][start : start + batch_size]) for m in modalities}
+                x = {
+                    m: torch.as_tensor(data[m][start : start + batch_size]).to(dev)
+                    for m in modalities
+                }
                 _, info = net.encode(*net.tokenize(x), return_routing=True)
                 batch = [
                     None

@@ -605,7 +605,7 @@ class MoEMLP(nn.Module):
                 out = torch.zeros_like(flat)
             # In place into the shared experts' output: nothing saved it for backward (linear
             # layers keep their inputs, not their outputs), and no copy of it is needed.
-            out.index_add_(0, tok, y)
+            out.index_add_(0, tok, y.to(out.dtype))  # same dtype unless under autocast
         if out is None:
             out = torch.zeros_like(flat)
 

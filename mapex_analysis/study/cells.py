@@ -56,7 +56,7 @@ def feature_cache_key(cfg: ModelConfig, cell: Cell, model: nn.Module) -> str:
 
 def _cost_rows(ctx: StudyContext, cell: Cell) -> list[dict[str, Any]]:
     m = CostInputs(ctx, cell, ctx.model(cell.model, cell.variant),
-                   base_row(ctx.study, cell) | {"protocol": "cost"})  # fmt: skip
+                   base_row(ctx.study, cell) | {"protocol": "cost", "device": ctx.device_name})  # fmt: skip
     rows = []
     for name in selected(ctx.study.measurements, "cost"):
         rows += rows_function(name)(m)
@@ -105,9 +105,11 @@ def _eval_rows(ctx: StudyContext, cell: Cell) -> list[dict[str, Any]]:
         batch_size=study.data.batch_size,
         cache_dir=ctx.study_dir / "features",
         cache_key=feature_cache_key(study.models[cell.model], cell, model),
+        precision=study.precision,
     )
-    m = EvalInputs(ctx, cell, model, base_row(study, cell), train=train, test=test,
-                   task=train.task, features=feats)  # fmt: skip
+    row = base_row(study, cell) | {"device": ctx.device_name, "precision": study.precision}
+    m = EvalInputs(ctx, cell, model, row, train=train, test=test, task=train.task,
+                   features=feats)  # fmt: skip
     rows = _probe_rows(m)
     for name in selected(study.measurements, "eval"):
         rows += rows_function(name)(m)

@@ -15,6 +15,7 @@ from torch import nn
 
 from mapex_analysis.data import SynthEO
 from mapex_analysis.data.materialize import EmptySourceError, SourceSplit, load_split
+from mapex_analysis.device import device_name, resolve_device
 from mapex_analysis.factory import create_model
 from mapex_analysis.ops.prune import PrunePlan, prune_experts
 from mapex_analysis.ops.slim import slim_width
@@ -74,6 +75,8 @@ class StudyContext:
 
     def __init__(self, study: Study) -> None:
         self.study = study
+        self.device = resolve_device(study.device)
+        self.device_name = device_name(self.device)
         self.study_dir = study.study_dir
         self.base = functools.cache(self._build_base)
         self._steps: dict[str, tuple[Any, ...]] = {}
@@ -81,7 +84,7 @@ class StudyContext:
         self.dataset = functools.lru_cache(maxsize=DATA_CACHE)(self._build_dataset)
 
     def _build_base(self, label: str) -> nn.Module:
-        return build_base(self.study.models[label])
+        return build_base(self.study.models[label]).to(self.device)
 
     def model(self, label: str, variant: Any) -> nn.Module:
         """The model of ``label`` with ``variant``'s operator plans applied, in eval mode."""
@@ -96,7 +99,7 @@ class StudyContext:
             else:
                 model = slim_width(model, step.s, mode=step.mode, order=step.order,  # type: ignore[arg-type]
                                    seed=step.seed)  # fmt: skip
-        return model.eval()
+        return model.to(self.device).eval()  # new sub-modules join the study's device
 
     def _prune(self, model: nn.Module, step: PrunePlan) -> nn.Module:
         """Prune with calibration data always given (the first task's ``train`` split, seed
@@ -107,7 +110,7 @@ class StudyContext:
         arrays = self.dataset(self.study.tasks[0], self.study.seeds[0], "train").arrays()
         n, bs = cfg.calibration_samples, self.study.data.batch_size
         calibration = [
-            {m: torch.as_tensor(arrays[m][i : min(i + bs, n)]) for m in mods}
+            {m: torch.as_tensor(arrays[m][i : min(i + bs, n)]).to(self.device) for m in mods}
             for i in range(0, min(n, len(arrays[mods[0]])), bs)
         ]
         return prune_experts(model, list(mods), strategy=step.strategy,  # type: ignore[arg-type]

@@ -96,16 +96,18 @@ def environment() -> dict[str, Any]:
     }
 
 
-def save_config(study: Study, study_dir: Path) -> None:
+def save_config(study: Study, study_dir: Path, *, device: str = "") -> None:
     """Write the resolved config (``config.resolved.yaml``) and ``environment.json``.
 
     Args:
         study: The validated study.
         study_dir: Output folder.
+        device: Name of the device the models run on (``environment.json``'s ``device``).
     """
     resolved = study.model_dump(mode="json")
     if study.operators.slim is not None:
         resolved["operators"]["slim"]["widths"] = study.operators.slim.width_list()
     atomic_write_text(study_dir / "config.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
     atomic_write_text(study_dir / "environment.json",
-                      json.dumps(environment(), indent=2, sort_keys=True, default=str))  # fmt: skip
+                      json.dumps(environment() | {"device": device, "precision": study.precision},
+                                 indent=2, sort_keys=True, default=str))  # fmt: skip

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 #: parameters and latency, ``features`` for redundancy, ``routing`` for specialisation;
 #: ``subject`` names what a row is about (a modality for attribution and specialisation),
 #: ``expert_group`` the modality owning a routed expert, ``layer`` / ``expert`` / ``batch_size`` are -1 where they do not apply.
+#: ``device`` is the hardware a row was computed on (``cpu (x86_64)``, ``cuda:0
+#: (NVIDIA H200)``), ``precision`` the feature-extraction precision of eval rows.
 COLUMNS: dict[str, str] = {
     "study": "string",
     "cell": "string",
@@ -63,6 +65,8 @@ COLUMNS: dict[str, str] = {
     "expert": "int64",
     "expert_group": "string",
     "batch_size": "int64",
+    "device": "string",
+    "precision": "string",
 }
 
 _DEFAULTS: dict[str, Any] = {"string": "", "float64": float("nan"), "int64": -1}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from mapex_analysis.device import check_device_spec
 from mapex_analysis.models.contract import modalities_of
 from mapex_analysis.study.cells import cell_rows, feature_cache_key
 from mapex_analysis.study.context import StudyContext
@@ -146,6 +147,7 @@ def run_study(
     fresh: bool = False,
     progress: ProgressFn | None = None,
     cluster: str | None = None,
+    device: str | None = None,
 ) -> RunSummary:
     """Run every unfinished cell of a study and write the results table.
 
@@ -159,27 +161,32 @@ def run_study(
         cluster: Where the cells run (overrides ``study.execution.cluster``): ``serial``,
             ``local[:N]``, ``slurm``, ``pbs`` or ``tcp://host:port`` (see
             :mod:`mapex_analysis.study.execution`).
+        device: Where models run (overrides ``study.device``): ``auto``, ``cpu``, ``cuda``,
+            ``cuda:N``.
 
     Returns:
         A :class:`RunSummary`.
 
     Raises:
         ValueError: for a malformed cluster string.
+        DeviceError: for a malformed device or one this machine does not have.
     """
     if cluster is not None:
         cluster_kind(cluster)  # a clear error before any work
         study = study.model_copy(
             update={"execution": study.execution.model_copy(update={"cluster": cluster})}
         )
+    if device is not None:
+        study = study.model_copy(update={"device": check_device_spec(device)})
 
     t0 = time.perf_counter()
     study_dir = study.study_dir
     if fresh:
         for sub in ("cells", "features"):
             shutil.rmtree(study_dir / sub, ignore_errors=True)
+    ctx = StudyContext(study)  # an unavailable device fails here, before anything is written
     study_dir.mkdir(parents=True, exist_ok=True)
-    save_config(study, study_dir)
-    ctx = StudyContext(study)
+    save_config(study, study_dir, device=ctx.device_name)
     if study.data.is_real:  # a missing root, split or file fails here, before any cell runs
         for split in ("train", "test"):
             ctx.dataset(study.tasks[0], study.seeds[0], split)

@@ -35,8 +35,10 @@ from mapex_analysis.data.tasks import TASKS
 from mapex_analysis.models.registry import UnknownModelError, resolve_source
 from mapex_analysis.options import (
     DEFAULT_MODALITIES,
+    DEVICE_PATTERN,
     SLIM_WIDTHS,
     Operator,
+    Precision,
     Protocol,
     PruneStrategy,
     Role,
@@ -564,6 +566,11 @@ class Study(Strict):
         retention_target: Retention the report's per-modality sentences look for.
         output_dir: Parent folder of the study's results.
         execution: :class:`ExecutionConfig` (where the cells run; ``--cluster`` overrides it).
+        device: Where models run: ``auto`` (CUDA when visible, else CPU), ``cpu``, ``cuda``,
+            ``cuda:N`` (``--device`` overrides it). Feature extraction, fine-tuning, MAC
+            counting and latency run there; every row records the device's name.
+        precision: Feature extraction precision: ``fp32``, or ``bf16`` / ``fp16`` autocast
+            (recorded in every eval row).
     """
 
     name: str
@@ -582,6 +589,15 @@ class Study(Strict):
     retention_target: float = Field(default=0.95, gt=0.0, le=1.0)
     output_dir: str = "reports"
     execution: ExecutionConfig = ExecutionConfig()
+    device: str = "auto"
+    precision: Precision = "fp32"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(DEVICE_PATTERN, v):
+            raise ValueError(f"device {v!r} is not one of auto, cpu, cuda, cuda:N")
+        return v
 
     @field_validator("name")
     @classmethod

@@ -30,7 +30,8 @@ def attribution_rows(m: EvalInputs) -> list[dict[str, Any]]:
                         seed=cell.seed).estimator)  # fmt: skip
     n = min(m.study.attribution_samples, len(m.test))
     arrays = m.test.arrays()
-    x = {mod: torch.as_tensor(arrays[mod][:n]) for mod in cell.modalities}
+    dev = next((p.device for p in m.model.parameters()), torch.device("cpu"))
+    x = {mod: torch.as_tensor(arrays[mod][:n]).to(dev) for mod in cell.modalities}
     y = np.asarray(arrays["label"][:n])
     classes = list(est.classes_)
     col = np.array([classes.index(v) for v in y])
@@ -38,7 +39,7 @@ def attribution_rows(m: EvalInputs) -> list[dict[str, Any]]:
 
     def true_class_prob(inputs: Any) -> torch.Tensor:
         with torch.no_grad():
-            f = model(dict(inputs)).float().numpy()
+            f = model(dict(inputs)).float().cpu().numpy()
         p = est.predict_proba(f)
         return torch.as_tensor(p[np.arange(len(col)), col], dtype=torch.float32)
 

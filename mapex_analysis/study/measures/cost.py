@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from mapex_analysis.measure.cost import example_inputs
 from mapex_analysis.measure.latency import measure_latency
 from mapex_analysis.measure.macs import count_macs
@@ -14,9 +16,17 @@ from mapex_analysis.study.measures.base import CostInputs
 __all__ = ["latency_rows", "macs_rows", "params_rows", "pruning_rows"]
 
 
+def _on_model(model: Any, inputs: Any) -> Any:
+    """Example inputs moved to the device of the model's weights."""
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if isinstance(inputs, dict):
+        return {k: v.to(dev) for k, v in inputs.items()}
+    return inputs.to(dev)
+
+
 def macs_rows(m: CostInputs) -> list[dict[str, Any]]:
     """MACs of one sample fed the cell's modalities."""
-    inputs = example_inputs(m.model, batch_size=1, modalities=m.cell.modalities)
+    inputs = _on_model(m.model, example_inputs(m.model, batch_size=1, modalities=m.cell.modalities))
     rep = count_macs(m.model, inputs, cross_check=False)
     return [m.row | {"metric": "macs", "value": float(rep.total), "unit": "MACs"}]
 
@@ -57,7 +67,8 @@ def latency_rows(m: CostInputs) -> list[dict[str, Any]]:
     width = m.cell.variant.width
     if width is not None and lat.widths is not None and width not in lat.widths:
         return []
-    inputs = example_inputs(m.model, batch_size=max(lat.batch_sizes), modalities=m.cell.modalities)
+    inputs = _on_model(m.model, example_inputs(m.model, batch_size=max(lat.batch_sizes),
+                                               modalities=m.cell.modalities))  # fmt: skip
     rep = measure_latency(m.model, inputs, warmup=lat.warmup, repeats=lat.repeats,
                           batch_sizes=lat.batch_sizes, threads=lat.threads)  # fmt: skip
     rows = []
