@@ -507,15 +507,47 @@ def test_slim_width_on_timm_block_adapters(name, kw, mods, size, upstream) -> No
     assert _uncounted_products(rep_half.unsupported) == []
 
 
-def test_slim_width_refuses_croma() -> None:
+def test_slim_width_slims_croma_attention_cross_attention_and_ffn() -> None:
+    from torchgeo.models.croma import Attention as CromaAttention
+
+    from mapex_analysis.measure.macs import count_macs
     from mapex_analysis.ops.slim import slim_width
 
-    croma = _model("croma_test", fill="mean")
-    msg = r"works on models built from timm Blocks \(timm/torchgeo ViTs\) and on MAPEX"
-    with pytest.raises(TypeError, match=r"CROMAAdapter has no timm\.layers\.Attention.*" + msg):
-        slim_width(croma, 0.5)
-    with pytest.raises(TypeError, match=r"CROMAAdapter has no timm\.layers\.Mlp module"):
-        slim_width(croma, 0.5, mode="mlp")
+    croma = _model("croma_test", fill="mean").eval()
+    x = modality_batch([*OPT, "sar"], 16, B=2)
+    with torch.no_grad():
+        full = croma(x)
+        assert torch.equal(slim_width(croma, 1.0)(x), full)  # s = 1.0: bit-identical
+        half = slim_width(croma, 0.5)
+        out = half(x)
+    assert out.shape == full.shape and bool(torch.isfinite(out).all())
+    kinds = {type(m).__name__: m for m in half.modules()}
+    attn, cross, ffn = kinds["Attention"], kinds["CrossAttention"], kinds["FFN"]
+    d = croma.model.s1_encoder.transformer.layers[0][0].to_out.in_features
+    assert attn.to_out.in_features == cross.to_q.out_features == d // 2
+    assert attn.to_qkv.out_features == 3 * (d // 2) and ffn.net[0].out_features == 2 * d
+    heads = attn.num_heads
+    assert attn.scale == (d // 2 // heads) ** -0.5
+    rep_full = count_macs(croma, x, cross_check=False)
+    rep_half = count_macs(half, x, cross_check=False)
+    assert rep_half.total < rep_full.total
+    assert _uncounted_products(rep_half.unsupported) == []
+
+    # one attention layer against a hand computation: the first k dims of every head of
+    # q, k, v (full projections), scale 1/sqrt(k), and the matching columns of to_out
+    torch.manual_seed(0)
+    layer = CromaAttention(dim=8, num_heads=2).eval()
+    tokens, bias = torch.randn(1, 5, 8), torch.randn(1, 2, 5, 5)
+    k_dims = 2  # floor(0.5 * 4)
+    small = slim_width(layer, 0.5, mode="attn")
+    with torch.no_grad():
+        q, k, v = layer.to_qkv(layer.input_norm(tokens)).chunk(3, dim=-1)
+        split = [t.reshape(1, 5, 2, 4)[..., :k_dims].transpose(1, 2) for t in (q, k, v)]
+        att = (split[0] @ split[1].transpose(-1, -2) * k_dims**-0.5 + bias).softmax(-1)
+        mixed = (att @ split[2]).transpose(1, 2).reshape(1, 5, 2, k_dims)
+        cols = layer.to_out.weight.reshape(8, 2, 4)[..., :k_dims].reshape(8, -1)
+        expected = mixed.reshape(1, 5, -1) @ cols.T + layer.to_out.bias
+        torch.testing.assert_close(small(tokens, bias), expected, rtol=1e-5, atol=1e-6)
 
 
 # timm_vit_test, batch 2 (B = 2, N = 16 patches + CLS = 17, D = 32, MLP 128, 2 blocks,

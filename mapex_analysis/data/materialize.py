@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mapex_analysis.data.sources import SOURCES, open_source
 from mapex_analysis.data.tasks import TaskSpec
 
 __all__ = ["EmptySourceError", "Resize", "SourceSplit", "load_split", "resize_sample"]
@@ -170,8 +171,6 @@ def load_split(
         DatasetNotFoundError, TaskError, BandError: from the source (missing root, unknown
             split, missing bands).
     """
-    from mapex_analysis.data.sources import SOURCES, open_source
-
     kwargs = dict(options or {})
     if modalities is not None:
         kwargs["modalities"] = list(modalities)

@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import h5py
 import numpy as np
 import torch
 from torch import Tensor
@@ -588,8 +589,6 @@ class GeoBenchSource(ModalitySource):
     num_classes = 0
 
     def _build(self) -> Any:
-        import h5py
-
         part = Path(self.root) / "default_partition.json"
         if not part.is_file():
             raise FileNotFoundError(
@@ -602,7 +601,6 @@ class GeoBenchSource(ModalitySource):
         if missing:
             raise FileNotFoundError(f"{self.name}: sample file {missing[0]} is missing")
         self._files = files
-        self._h5 = h5py
         class_names: tuple[str, ...] = tuple(f"class_{i}" for i in range(self.num_classes))
         specs = Path(self.root) / "task_specs.pkl"
         if specs.is_file():
@@ -622,7 +620,7 @@ class GeoBenchSource(ModalitySource):
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         path = self._files[index]
-        with self._h5.File(path, "r") as fp:
+        with h5py.File(path, "r") as fp:
             attrs = _geobench_attrs(fp)
             order = attrs.get("bands_order", list(fp.keys()))
             by_band: dict[str, Tensor] = {}

@@ -166,22 +166,52 @@ def _top(scores: Tensor, k: int) -> list[int]:
     return sorted(int(i) for i in order)
 
 
-def _attn_scores(attn: Attention) -> Tensor:
+def _is_croma(module: nn.Module, *names: str) -> bool:
+    """Whether ``module`` is one of torchgeo CROMA's own layer classes (no torchgeo import)."""
+    cls = type(module)
+    return cls.__module__ == "torchgeo.models.croma" and cls.__name__ in names
+
+
+def _head_dim(attn: Any) -> int:
+    if isinstance(attn, Attention):
+        return int(attn.head_dim)
+    return int(attn.to_out.in_features) // int(attn.num_heads)  # CROMA (Cross)Attention
+
+
+def _qkv_weights(attn: Any) -> Tensor:
+    """``(3, D_attn, D_in)``: the q, k and v projection weights of any supported attention."""
+    if isinstance(attn, Attention):
+        return attn.qkv.weight.detach().reshape(3, -1, attn.qkv.weight.shape[1])
+    if _is_croma(attn, "Attention"):
+        return attn.to_qkv.weight.detach().reshape(3, -1, attn.to_qkv.weight.shape[1])
+    return torch.stack([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]).detach()
+
+
+def _attn_scores(attn: Any) -> Tensor:
     """Per-(head, dim) weight norm: the q, k, v rows of that head dim and the proj column.
 
     Returns:
         ``(H, d_k)`` L2 norms.
     """
-    h, d = attn.num_heads, attn.head_dim
-    w_qkv = attn.qkv.weight.detach().double().reshape(3, h, d, -1)  # (3, H, d_k, D)
-    w_proj = attn.proj.weight.detach().double().reshape(-1, h, d)  # (D_out, H, d_k)
+    h, d = attn.num_heads, _head_dim(attn)
+    w_qkv = _qkv_weights(attn).double().reshape(3, h, d, -1)  # (3, H, d_k, D)
+    proj = attn.proj if isinstance(attn, Attention) else attn.to_out
+    w_proj = proj.weight.detach().double().reshape(-1, h, d)  # (D_out, H, d_k)
     return (w_qkv.square().sum(dim=(0, 3)) + w_proj.square().sum(dim=0)).sqrt()
 
 
-def _mlp_scores(mlp: Mlp) -> Tensor:
+def _mlp_layers(mlp: Any) -> tuple[nn.Linear, nn.Linear]:
+    """``(fc1, fc2)`` of a timm Mlp or a CROMA FFN (``net = [Linear, GELU, Dropout, Linear]``)."""
+    if isinstance(mlp, Mlp):
+        return cast(nn.Linear, mlp.fc1), cast(nn.Linear, mlp.fc2)
+    return mlp.net[0], mlp.net[-1]
+
+
+def _mlp_scores(mlp: Any) -> Tensor:
     """Per hidden unit: ``||fc1 row|| * ||fc2 column||``, shape ``(d_h,)``."""
-    w1 = mlp.fc1.weight.detach().double()  # (d_h, D)
-    w2 = mlp.fc2.weight.detach().double()  # (D_out, d_h)
+    fc1, fc2 = _mlp_layers(mlp)
+    w1 = fc1.weight.detach().double()  # (d_h, D)
+    w2 = fc2.weight.detach().double()  # (D_out, d_h)
     return w1.norm(dim=1) * w2.norm(dim=0)
 
 
@@ -196,14 +226,16 @@ def _choose(d: int, k: int, order: str, seed: int, name: str, scores: Tensor | N
     return _top(scores, k)
 
 
-def _has_qk_norm(attn: Attention) -> bool:
+def _has_qk_norm(attn: Any) -> bool:
+    if not isinstance(attn, Attention):
+        return False
     return not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity))
 
 
-def _attn_kept(attn: Attention, k: int, order: str, seed: int, name: str) -> list[list[int]]:
+def _attn_kept(attn: Any, k: int, order: str, seed: int, name: str) -> list[list[int]]:
     """Kept dims of every head. With QK norms (one weight shared by all heads) the heads share
     one dim set so the norms can be sliced; otherwise each head chooses its own."""
-    h, d = attn.num_heads, attn.head_dim
+    h, d = attn.num_heads, _head_dim(attn)
     scores = _attn_scores(attn) if order == "magnitude" else None
     if _has_qk_norm(attn):
         shared = scores.square().sum(dim=0).sqrt() if scores is not None else None
@@ -264,10 +296,33 @@ def _slice_norm(norm: nn.Module, name: str, idx: Tensor) -> nn.Module:
     return new
 
 
-def _slim_attention(attn: Attention, name: str, kept: list[list[int]]) -> None:
+def _slim_croma_attention(attn: Any, name: str, kept: list[list[int]]) -> None:
+    """Slice a CROMA (Cross)Attention in place: its forward splits ``h`` heads from whatever
+    width the projections have, so only the layers and ``scale`` change."""
+    h, d = attn.num_heads, _head_dim(attn)
+    k = len(kept[0])
+    dev = attn.to_out.weight.device
+    flat = torch.arange(h, device=dev).unsqueeze(1) * d + torch.tensor(kept, device=dev)
+    flat = flat.reshape(-1)
+    full = h * d
+    if _is_croma(attn, "Attention"):
+        attn.to_qkv = _slice_linear(
+            attn.to_qkv, f"{name}.to_qkv", out_idx=torch.cat([flat, flat + full, flat + 2 * full])
+        )
+    else:
+        for part in ("to_q", "to_k", "to_v"):
+            setattr(attn, part, _slice_linear(getattr(attn, part), f"{name}.{part}", out_idx=flat))
+    attn.to_out = _slice_linear(attn.to_out, f"{name}.to_out", in_idx=flat)
+    attn.scale = k**-0.5
+
+
+def _slim_attention(attn: Any, name: str, kept: list[list[int]]) -> None:
     """Slice one timm Attention in place to the kept dims of every head; keep every derived
     attribute (``head_dim``, ``attn_dim``, ``scale``) consistent for the fused and manual paths.
     """
+    if not isinstance(attn, Attention):
+        _slim_croma_attention(attn, name, kept)
+        return
     h, d = attn.num_heads, attn.head_dim
     k = len(kept[0])
     dev = attn.qkv.weight.device
@@ -292,8 +347,14 @@ def _slim_attention(attn: Attention, name: str, kept: list[list[int]]) -> None:
     attn.scale = k**-0.5
 
 
-def _slim_mlp(mlp: Mlp, name: str, kept: list[int]) -> None:
-    """Slice one timm Mlp in place to the kept hidden units."""
+def _slim_mlp(mlp: Any, name: str, kept: list[int]) -> None:
+    """Slice one timm Mlp (or CROMA FFN) in place to the kept hidden units."""
+    if not isinstance(mlp, Mlp):
+        idx = torch.tensor(kept, device=mlp.net[0].weight.device)
+        mlp.net[0] = _slice_linear(mlp.net[0], f"{name}.net.0", out_idx=idx)
+        last = len(mlp.net) - 1
+        mlp.net[last] = _slice_linear(mlp.net[last], f"{name}.net.{last}", in_idx=idx)
+        return
     idx = torch.tensor(kept, device=mlp.fc1.weight.device)
     mlp.fc1 = _slice_linear(mlp.fc1, f"{name}.fc1", out_idx=idx)
     mlp.norm = _slice_norm(mlp.norm, f"{name}.norm", idx)
@@ -303,18 +364,22 @@ def _slim_mlp(mlp: Mlp, name: str, kept: list[int]) -> None:
 def _targets(
     model: nn.Module, mode: str
 ) -> tuple[list[tuple[str, Attention]], list[tuple[str, Mlp]]]:
-    attns = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention)]
-    mlps = [(n, m) for n, m in model.named_modules() if isinstance(m, Mlp)]
+    attns = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, Attention) or _is_croma(m, "Attention", "CrossAttention")
+    ]
+    mlps = [(n, m) for n, m in model.named_modules() if isinstance(m, Mlp) or _is_croma(m, "FFN")]
     cls = type(model).__name__
     if "attn" in mode and not attns:
         raise TypeError(
             f"{cls} has no timm.layers.Attention module; slim_width(mode={mode!r}) works on "
-            "models built from timm Blocks (timm/torchgeo ViTs) and on MAPEX"
+            "models built from timm Blocks (timm/torchgeo ViTs), CROMA and MAPEX"
         )
     if "mlp" in mode and not mlps:
         raise TypeError(
             f"{cls} has no timm.layers.Mlp module; slim_width(mode={mode!r}) works on "
-            "models built from timm Blocks (timm/torchgeo ViTs) and on MAPEX"
+            "models built from timm Blocks (timm/torchgeo ViTs), CROMA and MAPEX"
         )
     return (attns if "attn" in mode else []), (mlps if "mlp" in mode else [])
 
@@ -345,23 +410,24 @@ def apply_slim_plan(
     order = "first" if structural_only else plan.order
     layers: list[dict[str, Any]] = []
     for name, src_attn in attns:
-        attn = cast(Attention, by_name[name])
-        k = kept_width(src_attn.head_dim, plan.s)
+        attn = by_name[name]
+        head_dim = _head_dim(src_attn)
+        k = kept_width(head_dim, plan.s)
         kept = _attn_kept(attn, k, order, plan.seed, name)
         layers.append(
             {
                 "module": name,
                 "kind": "attn",
                 "num_heads": attn.num_heads,
-                "head_dim": attn.head_dim,
+                "head_dim": head_dim,
                 "kept_head_dim": k,
                 "kept": kept,
             }
         )
         _slim_attention(attn, name, kept)
     for name, src_mlp in mlps:
-        mlp = cast(Mlp, by_name[name])
-        d_h = src_mlp.fc1.weight.shape[0]
+        mlp = by_name[name]
+        d_h = _mlp_layers(src_mlp)[0].weight.shape[0]
         k = kept_width(d_h, plan.s)
         scores = _mlp_scores(mlp) if order == "magnitude" else None
         kept_h = _choose(d_h, k, order, plan.seed, name, scores)

@@ -15,8 +15,10 @@ from torch import nn
 
 from mapex_analysis.data import SynthEO
 from mapex_analysis.data.materialize import EmptySourceError, SourceSplit, load_split
+from mapex_analysis.data.sources import SOURCES
 from mapex_analysis.device import device_name, resolve_device
 from mapex_analysis.factory import create_model
+from mapex_analysis.modalities import MODALITIES
 from mapex_analysis.ops.prune import PrunePlan, prune_experts
 from mapex_analysis.ops.slim import slim_width
 from mapex_analysis.options import DEFAULT_MODALITIES
@@ -58,11 +60,12 @@ def build_base(cfg: ModelConfig) -> nn.Module:
 
 def data_modalities(study: Study) -> tuple[str, ...]:
     """The modalities the study's data carries: SynthEO's six, or every registered modality a
-    real source's bands fully cover (EuroSAT: the six Sentinel-2 groups; MMFlood: sar, ele)."""
+    real source's bands fully cover (EuroSAT: the six Sentinel-2 groups; MMFlood: sar, ele).
+    A cost-only study (``protocols: []``) reads no data: every registered modality."""
+    if not study.protocols:
+        return tuple(MODALITIES)
     if not study.data.is_real:
         return DEFAULT_MODALITIES
-    from mapex_analysis.data.sources import SOURCES
-
     return SOURCES[study.data.source].covered_modalities()
 
 
@@ -107,7 +110,9 @@ class StudyContext:
         cfg = self.study.operators.prune
         assert cfg is not None  # a prune step exists only with a prune config
         mods = step.modalities
-        arrays = self.dataset(self.study.tasks[0], self.study.seeds[0], "train").arrays()
+        # a cost-only study has no task: SynthEO land cover calibrates its pruned models
+        task = self.study.tasks[0] if self.study.tasks else "landcover"
+        arrays = self.dataset(task, self.study.seeds[0], "train").arrays()
         n, bs = cfg.calibration_samples, self.study.data.batch_size
         calibration = [
             {m: torch.as_tensor(arrays[m][i : min(i + bs, n)]).to(self.device) for m in mods}
@@ -119,8 +124,6 @@ class StudyContext:
     def _build_dataset(self, task: str, seed: int, split: str) -> SynthEO | SourceSplit:
         d = self.study.data
         if d.is_real:
-            from mapex_analysis.data.sources import SOURCES
-
             assert d.root is not None  # validated
             try:
                 return load_split(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from mapex_analysis.models.contract import modalities_of
 from mapex_analysis.ops.prune import PrunePlan
@@ -31,7 +31,7 @@ from mapex_analysis.study.measures import selected
 from mapex_analysis.study.provenance import model_fingerprint
 from mapex_analysis.study.schema import ModelConfig, Study
 
-__all__ = ["Cell", "Step", "Variant", "plan_grid", "sorted_modalities", "step_key"]
+__all__ = ["Cell", "Step", "Variant", "plan_grid", "sorted_modalities", "step_key", "takes_subsets"]
 
 #: One operator of a variant: a pruning request (``kept_experts`` is decided when applied, from
 #: calibration data) or a slimming plan.
@@ -183,13 +183,26 @@ def sorted_modalities(declared: tuple[str, ...]) -> tuple[str, ...]:
     )
 
 
-def _variants(study: Study, cfg: ModelConfig, mods: tuple[str, ...]) -> list[tuple[Variant, tuple]]:
+def takes_subsets(model: Any) -> bool:
+    """Whether a model can be fed a subset of its modalities (not so for a fixed-band adapter
+    without a fill policy: a 13-band model fed RGB alone lacks ten bands)."""
+    return bool(getattr(model, "variable_bands", True)) or getattr(model, "fill", None) is not None
+
+
+def _variants(
+    study: Study, cfg: ModelConfig, mods: tuple[str, ...], subsets: bool = True
+) -> list[tuple[Variant, tuple]]:
     out: list[tuple[Variant, tuple[str, ...]]] = [(Variant(), mods)]
     prune = study.operators.prune if "prune" in cfg.operators else None
     slim = study.operators.slim if "slim" in cfg.operators else None
     slim_seed = study.operators.slim.seed if study.operators.slim else 0
-    # Input-restricted references exist for every prune set, even where pruning does not apply.
-    sets = study.operators.prune.expanded(mods) if study.operators.prune is not None else []
+    # Input-restricted references exist for every prune set, even where pruning does not apply
+    # (but not for models that cannot be fed a subset of their inputs).
+    sets = (
+        study.operators.prune.expanded(mods)
+        if study.operators.prune is not None and subsets
+        else []
+    )
     sets = [s for s in sets if s != mods]
     plans = prune.plans() if prune is not None else []
     default_cov = prune.coverage if prune is not None else 0.99
@@ -232,7 +245,11 @@ def _variants(study: Study, cfg: ModelConfig, mods: tuple[str, ...]) -> list[tup
     return out
 
 
-def plan_grid(study: Study, modalities: dict[str, tuple[str, ...]] | None = None) -> list[Cell]:
+def plan_grid(
+    study: Study,
+    modalities: dict[str, tuple[str, ...]] | None = None,
+    subsets: dict[str, bool] | None = None,
+) -> list[Cell]:
     """Every cell of the study, cost cells first, in a stable order.
 
     Args:
@@ -240,16 +257,21 @@ def plan_grid(study: Study, modalities: dict[str, tuple[str, ...]] | None = None
         modalities: Model label -> its modalities; default: read from each built model and
             restricted to those the study's data carries (a MAPEX model on EuroSAT is fed its
             four Sentinel-2 modalities).
+        subsets: Model label -> whether it can be fed a subset of its modalities
+            (:func:`takes_subsets`); default: read from each built model.
 
     Returns:
         The cells.
     """
     declared = dict(modalities or {})
+    partial = dict(subsets or {})
     carried = data_modalities(study)
     fed_by: dict[str, tuple[str, ...]] = {}
     for label, cfg in study.models.items():
-        if label not in declared:
-            declared[label] = sorted_modalities(modalities_of(build_base(cfg)))
+        if label not in declared or label not in partial:
+            built = build_base(cfg)
+            declared.setdefault(label, sorted_modalities(modalities_of(built)))
+            partial.setdefault(label, takes_subsets(built))
         fed = tuple(m for m in declared[label] if m in carried)
         if not fed:
             raise ValueError(
@@ -261,9 +283,11 @@ def plan_grid(study: Study, modalities: dict[str, tuple[str, ...]] | None = None
     cost: list[Cell] = []
     evals: list[Cell] = []
     for label, cfg in study.models.items():
-        for variant, mods in _variants(study, cfg, fed_by[label]):
+        for variant, mods in _variants(study, cfg, fed_by[label], partial[label]):
             if want_cost:
                 cost.append(Cell("cost", label, variant, mods))
+            if not study.protocols:
+                continue  # cost only
             for task in study.tasks:
                 for seed in study.seeds:
                     evals.append(Cell("eval", label, variant, mods, task, seed))

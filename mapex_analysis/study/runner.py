@@ -27,7 +27,7 @@ from mapex_analysis.models.contract import modalities_of
 from mapex_analysis.study.cells import cell_rows, feature_cache_key
 from mapex_analysis.study.context import StudyContext
 from mapex_analysis.study.execution import cluster_kind, run_on_dask
-from mapex_analysis.study.grid import Cell, Variant, plan_grid, sorted_modalities
+from mapex_analysis.study.grid import Cell, Variant, plan_grid, sorted_modalities, takes_subsets
 from mapex_analysis.study.provenance import environment, save_config
 from mapex_analysis.study.results import (
     cell_file_problem,
@@ -191,7 +191,8 @@ def run_study(
         for split in ("train", "test"):
             ctx.dataset(study.tasks[0], study.seeds[0], split)
     cells = plan_grid(study, {label: sorted_modalities(modalities_of(ctx.base(label)))
-                              for label in study.models})  # fmt: skip
+                              for label in study.models},
+                      {label: takes_subsets(ctx.base(label)) for label in study.models})  # fmt: skip
     current = {cell.cell_id(study) for cell in cells}
     stale = finished_cells(study_dir) - current
     for cid in sorted(stale):  # cells of an earlier config or earlier checkpoint weights

@@ -47,7 +47,7 @@ from mapex_analysis.options import (
     SlimOrder,
     SlimTarget,
 )
-from mapex_analysis.study.measures import measurement_names
+from mapex_analysis.study.measures import measurement_names, selected
 
 __all__ = [
     "STUDY_SOURCES",
@@ -555,7 +555,9 @@ class Study(Strict):
         data: :class:`DataConfig`.
         tasks: SynthEO task names.
         operators: :class:`OperatorsConfig`.
-        protocols: ``knn``, ``linear``, ``finetune``.
+        protocols: ``knn``, ``linear``, ``finetune``; ``[]`` for a cost-only study (no eval
+            cells: MACs, parameters, latency on synthetic inputs in physical units, fed every
+            modality a model takes).
         knn_k: Neighbours of the k-NN probe.
         seeds: Seeds (data draw and probe initialisation).
         measurements: What is measured besides the probes (``specialization`` on the first
@@ -577,9 +579,9 @@ class Study(Strict):
     description: str = ""
     models: dict[str, ModelConfig] = Field(min_length=1)
     data: DataConfig = DataConfig()
+    protocols: list[Protocol] = Field(default=["knn", "linear"])
     tasks: list[str] = Field(default_factory=list, validate_default=True)
     operators: OperatorsConfig = OperatorsConfig()
-    protocols: list[Protocol] = Field(default=["knn", "linear"], min_length=1)
     knn_k: int = Field(default=5, ge=1)
     seeds: list[int] = Field(default=[0], min_length=1)
     measurements: list[str] = Field(default=["macs", "params"])
@@ -616,8 +618,16 @@ class Study(Strict):
 
     @field_validator("measurements")
     @classmethod
-    def _measurements(cls, v: list[str]) -> list[str]:
-        return _known_names(v, measurement_names(), "measurement", "valid")
+    def _measurements(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        _known_names(v, measurement_names(), "measurement", "valid")
+        if info.data.get("protocols") == []:
+            evals = selected(v, "eval")
+            if evals:
+                raise ValueError(
+                    f"{', '.join(evals)} run on eval cells, which a study with protocols: [] "
+                    "(cost only) has none of; give a protocol or drop them"
+                )
+        return v
 
     @field_validator("tasks")
     @classmethod
@@ -631,6 +641,8 @@ class Study(Strict):
                     f"classes from the files); write tasks: [{source}] or omit tasks"
                 )
             return [source]
+        if not v and info.data.get("protocols") == []:
+            return v  # cost only: no task is evaluated
         if not v:
             raise ValueError(
                 "give at least one SynthEO task ("
