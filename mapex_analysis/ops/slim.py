@@ -48,6 +48,7 @@ __all__ = [
     "SlimPlan",
     "kept_width",
     "slim_width",
+    "slimmable_modules",
 ]
 
 logger = logging.getLogger(__name__)
@@ -359,6 +360,25 @@ def _slim_mlp(mlp: Any, name: str, kept: list[int]) -> None:
     mlp.fc1 = _slice_linear(mlp.fc1, f"{name}.fc1", out_idx=idx)
     mlp.norm = _slice_norm(mlp.norm, f"{name}.norm", idx)
     mlp.fc2 = _slice_linear(mlp.fc2, f"{name}.fc2", in_idx=idx)
+
+
+def slimmable_modules(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Qualified names of the attention and MLP modules :func:`slim_width` narrows (timm
+    ``Attention`` / ``Mlp``, CROMA's attention and FFN, every MAPEX expert), outermost only.
+    Everything else (patch embeddings, norms, spectral weight generators) keeps its width,
+    which is why each model's relative compute has a floor.
+
+    Returns:
+        ``(attention names, MLP names)``.
+    """
+
+    def outermost(names: list[str]) -> list[str]:
+        return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+
+    attns = [n for n, m in model.named_modules()
+             if isinstance(m, Attention) or _is_croma(m, "Attention", "CrossAttention")]  # fmt: skip
+    mlps = [n for n, m in model.named_modules() if isinstance(m, Mlp) or _is_croma(m, "FFN")]
+    return outermost(attns), outermost(mlps)
 
 
 def _targets(

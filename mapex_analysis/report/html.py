@@ -24,6 +24,7 @@ from mapex_analysis.files import atomic_write_text
 from mapex_analysis.modalities import DEFAULT_MODALITIES
 from mapex_analysis.report.cells import mean as _mean
 from mapex_analysis.report.cells import td as _td
+from mapex_analysis.report.compute import compute_figure, floor_table
 from mapex_analysis.report.figures import (
     attribution_figure,
     latency_figure,
@@ -239,6 +240,9 @@ def render_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
         figs.append(("Redundancy", redundancy_figure(df)))
     if (df["protocol"] == "attribution").any():
         figs.append(("Attribution", attribution_figure(df)))
+    compute = compute_figure(df)
+    if compute is not None:
+        figs.append(("Relative compute vs width", compute))
 
     findings = modality_findings(summary, target)
     name = html.escape(str(cfg.get("name", folder.name)))
@@ -256,6 +260,42 @@ def render_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
         "relative MACs = MACs per sample / MACs of the full model on all its modalities. "
         "Accuracies in %.</p>",
         "<pre id='js-errors'></pre>",
+    ]
+    compute_part = [
+        "<h2>Compute: how far slimming reduces MACs, and where each model's floor lies</h2>",
+        "<p class='note'>Relative compute = MACs/sample of the slimmed variant / MACs of the "
+        "same model (and pruning) unslimmed, fed the same modalities. Slimming narrows "
+        "attention and MLP modules only; the other share (patch or spectral embeddings, "
+        "norms, heads) never shrinks, so it is every mode's floor; attention-only slimming "
+        "also keeps the MLP share, MLP-only slimming the attention share.</p>",
+        floor_table(df),
+    ]
+    if summary.empty:  # a cost-only study: no probes, no per-modality tables
+        parts += compute_part + ["<h2>Figures</h2>"]
+    else:
+        parts += _accuracy_sections(df, summary, task, target, findings) + compute_part
+        parts += ["<h2>Figures</h2>"]
+    for i, (title, fig) in enumerate(figs):
+        parts.append(f"<h3>{html.escape(title)}</h3>")
+        parts.append(_figure_div(fig, i))
+    parts += [
+        "<h2>Run metadata</h2><h3>Environment</h3>",
+        f"<pre>{html.escape(json.dumps(env, indent=2, sort_keys=True))}</pre>",
+        "<h3>Resolved config</h3>",
+        f"<pre>{html.escape(yaml.safe_dump(cfg, sort_keys=False))}</pre>",
+        "</body></html>",
+    ]
+    path = Path(out) if out is not None else folder / "report.html"
+    atomic_write_text(path, "\n".join(parts))
+    logger.info("report with %d figures -> %s", len(figs), path)
+    return path
+
+
+def _accuracy_sections(
+    df: pd.DataFrame, summary: pd.DataFrame, task: str, target: float, findings: list[str]
+) -> list[str]:
+    """The sections of a study with probes: findings, seed-style and routing tables."""
+    return [
         f"<h2>Which operator reaches {target:.0%} retention at the lowest MACs</h2>",
         f"<details><summary>{len(findings)} findings, one per (task, protocol, model, "
         "single modality), computed from the table</summary><ul>",
@@ -278,19 +318,4 @@ def render_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
         specialisation_table(df),
         f"<h3>Pruning strategies: accuracy vs experts kept ({html.escape(task)})</h3>",
         coverage_table(df, summary, task),
-        "<h2>Figures</h2>",
     ]
-    for i, (title, fig) in enumerate(figs):
-        parts.append(f"<h3>{html.escape(title)}</h3>")
-        parts.append(_figure_div(fig, i))
-    parts += [
-        "<h2>Run metadata</h2><h3>Environment</h3>",
-        f"<pre>{html.escape(json.dumps(env, indent=2, sort_keys=True))}</pre>",
-        "<h3>Resolved config</h3>",
-        f"<pre>{html.escape(yaml.safe_dump(cfg, sort_keys=False))}</pre>",
-        "</body></html>",
-    ]
-    path = Path(out) if out is not None else folder / "report.html"
-    atomic_write_text(path, "\n".join(parts))
-    logger.info("report with %d figures -> %s", len(figs), path)
-    return path

@@ -11,6 +11,7 @@ from mapex_analysis.measure.latency import measure_latency
 from mapex_analysis.measure.macs import count_macs
 from mapex_analysis.measure.params import count_params
 from mapex_analysis.ops.record import op_reports
+from mapex_analysis.ops.slim import slimmable_modules
 from mapex_analysis.study.measures.base import CostInputs
 
 __all__ = ["latency_rows", "macs_rows", "params_rows", "pruning_rows"]
@@ -24,11 +25,39 @@ def _on_model(model: Any, inputs: Any) -> Any:
     return inputs.to(dev)
 
 
+def _share_rows(m: CostInputs, rep: Any) -> list[dict[str, Any]]:
+    """MACs that slimming narrows inside attention and MLP modules (their linear layers and the
+    attention matmuls) and everything else (``other``: embeddings, norms, including a norm
+    inside an attention or MLP module such as CROMA's input norms, heads): what sets the floor
+    of each slimming mode."""
+    attns, mlps = slimmable_modules(m.model)
+    by = rep.by_module
+    modules = dict(m.model.named_modules())
+
+    def narrowed(name: str) -> int:
+        fixed = sum(
+            by.get(f"{name}.{sub}", 0)
+            for sub, mod in modules[name].named_modules()
+            if sub and not isinstance(mod, torch.nn.Linear) and not list(mod.children())
+        )
+        return by.get(name, 0) - fixed
+
+    attn = sum(narrowed(n) for n in attns)
+    mlp = sum(narrowed(n) for n in mlps)
+    other = rep.total - attn - mlp
+    return [
+        m.row | {"metric": f"macs_{part}", "value": float(v), "unit": "MACs"}
+        for part, v in (("attn", attn), ("mlp", mlp), ("other", other))
+    ]
+
+
 def macs_rows(m: CostInputs) -> list[dict[str, Any]]:
-    """MACs of one sample fed the cell's modalities."""
+    """MACs of one sample fed the cell's modalities, and their split into attention, MLP and
+    other modules (``macs_attn``, ``macs_mlp``, ``macs_other``)."""
     inputs = _on_model(m.model, example_inputs(m.model, batch_size=1, modalities=m.cell.modalities))
     rep = count_macs(m.model, inputs, cross_check=False)
-    return [m.row | {"metric": "macs", "value": float(rep.total), "unit": "MACs"}]
+    total = [m.row | {"metric": "macs", "value": float(rep.total), "unit": "MACs"}]
+    return total + _share_rows(m, rep)
 
 
 def params_rows(m: CostInputs) -> list[dict[str, Any]]:
