@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -316,3 +317,17 @@ def test_committed_mapex_tiny_beats_random_init_on_knn(committed_eval) -> None:
         committed_eval.knn_pretrained,
         committed_eval.knn_random,
     )
+
+
+def test_pretrain_on_mmearth_tiles(tmp_path: Path) -> None:
+    from fixtures.data_sources import write_mmearth
+
+    write_mmearth(tmp_path / "mmearth", size=16, num_tiles=4)
+    data = {"source": "mmearth", "root": str(tmp_path / "mmearth"), "n": None, "img_size": 16}
+    cfg = PretrainConfig.model_validate(_config(tmp_path, data=data, batch_size=2))
+    res = pretrain(cfg, progress_bar=False)
+    assert res.steps == 2 and np.isfinite(res.final_loss)
+    card = (res.checkpoint_dir / "README.md").read_text()
+    assert "on MMEarth tiles." in card and "4 tiles (n=all, seed=0)" in card
+    with pytest.raises(PretrainConfigError, match="source 'mmearth' needs root"):
+        parse_pretrain_config(_config(tmp_path, data={"source": "mmearth"}))

@@ -20,18 +20,19 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from torch.utils.data import DataLoader, Dataset
 
 from mapex_analysis.checkpoint import save_model
 from mapex_analysis.config import ConfigError, Strict, load_yaml, validate
 from mapex_analysis.data import SynthEO
+from mapex_analysis.data.materialize import load_split
 from mapex_analysis.data.tasks import get_task
 from mapex_analysis.factory import create_model
 from mapex_analysis.models.mae import MaskedAutoencoder, MaskMode
@@ -58,10 +59,15 @@ class PretrainConfigError(ConfigError):
 
 
 class PretrainDataConfig(Strict):
-    """SynthEO pretraining scenes.
+    """Pretraining scenes: SynthEO's, or MMEarth tiles on disk.
 
     Attributes:
-        n: Number of scenes.
+        source: ``syntheo`` (default) or ``mmearth`` (torchgeo's MMEarth layout under
+            ``root``: Sentinel-2, Sentinel-1 and ASTER elevation, de-normalised to physical
+            units; ``options`` go to the source, e.g. ``subset``, ``orbit``).
+        root: The MMEarth directory (``source: mmearth`` only).
+        options: Keyword arguments of the MMEarth source.
+        n: Number of scenes (MMEarth: a seeded draw of that many tiles; ``None`` there: all).
         seed: SynthEO seed.
         img_size: Scene side in pixels (must match the model).
         modalities: Modalities to load; ``None`` = the model's.
@@ -70,12 +76,25 @@ class PretrainDataConfig(Strict):
             task's default (0.2).
     """
 
-    n: int = Field(default=4000, ge=1)
+    source: Literal["syntheo", "mmearth"] = "syntheo"
+    root: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    n: int | None = Field(default=4000, ge=1)
     seed: int = 0
     img_size: int = Field(default=32, ge=1)
     modalities: list[str] | None = None
     cache_dir: str | None = None
     clouds: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _source(self) -> PretrainDataConfig:
+        if self.source == "mmearth" and self.root is None:
+            raise ValueError("source 'mmearth' needs root: the MMEarth directory")
+        if self.source == "syntheo" and (self.root is not None or self.options):
+            raise ValueError("root and options are for source: mmearth; SynthEO takes neither")
+        if self.source == "syntheo" and self.n is None:
+            raise ValueError("n: SynthEO needs a number of scenes")
+        return self
 
 
 class PretrainConfig(Strict):
@@ -219,6 +238,17 @@ class PretrainDataModule(L.LightningDataModule):
         """Generate (or load from the SynthEO cache) the scenes."""
         if self.train_set is not None:
             return
+        cfg = self.data_config
+        if cfg.source == "mmearth":
+            assert cfg.root is not None  # validated
+            split = load_split("mmearth", cfg.root, "train", n=cfg.n, seed=cfg.seed,
+                               img_size=cfg.img_size, modalities=self.modalities,
+                               options=dict(cfg.options, labels=False))  # fmt: skip
+            self.train_set = _ArrayScenes({m: a for m, a in split.arrays().items()
+                                           if m != "label"})  # fmt: skip
+            logger.info("pretraining on %s", split)
+            return
+        assert cfg.n is not None  # validated
         ds = SynthEO(
             "pretrain",
             "train",
@@ -423,10 +453,15 @@ def pretrain(
                 f"`{cfg.model}` encoder pretrained by masked autoencoding (mask ratio "
                 f"{cfg.mask_ratio}, masked by {cfg.mask_mode}, per-modality reconstruction of "
                 "normalised patches) on "
-                "SynthEO scenes."
+                + ("MMEarth tiles." if cfg.data.source == "mmearth" else "SynthEO scenes.")
             ),
             "data": (
-                f"SynthEO `pretrain` train split, n={cfg.data.n}, seed={cfg.data.seed}, "
+                f"MMEarth at {cfg.data.root}, {len(datamodule.train_set or [])} tiles "
+                f"(n={cfg.data.n or 'all'}, seed={cfg.data.seed}), img_size="
+                f"{cfg.data.img_size}, modalities={list(datamodule.modalities)}, options "
+                f"{cfg.data.options}"
+                if cfg.data.source == "mmearth"
+                else f"SynthEO `pretrain` train split, n={cfg.data.n}, seed={cfg.data.seed}, "
                 f"img_size={cfg.data.img_size}, modalities={list(datamodule.modalities)}, "
                 "cloudy-scene probability "
                 + (
