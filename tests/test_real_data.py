@@ -207,3 +207,24 @@ def test_weights_file_with_a_wrong_key_is_refused(tmp_path: Path) -> None:
     res = cli("validate", str(missing))
     assert res.exit_code == 2 and "models.m.weights" in res.flat  # type: ignore[attr-defined]
     assert "x.pth' does not exist" in res.flat  # type: ignore[attr-defined]
+
+
+def test_geobench_task_study(tmp_path: Path) -> None:
+    from fixtures.data_sources import write_geobench
+
+    from mapex_analysis.data.sources import SOURCES
+
+    root = tmp_path / "m-brick-kiln"
+    write_geobench(root, SOURCES["m-brick-kiln"].available_bands, n_classes=2, per_split=10)
+    study = _study(
+        tmp_path,
+        "kiln_real",
+        {"source": "m-brick-kiln", "root": str(root), "img_size": 16, "n_train": "all",
+         "n_test": "all", "splits": {"train": "train", "test": "valid"}},
+        {"mapex": {"source": "mapex_test"}},
+    )  # fmt: skip
+    table = _run_and_report(study, tmp_path / "reports" / "kiln_real")
+    acc = table[(table["metric"] == "accuracy") & (table["variant"] == "base")]
+    assert set(acc["task"]) == {"m-brick-kiln"} and len(acc) == 2  # knn, linear
+    # the two classes differ by 50 DN in every band: both probes separate the 10 test samples
+    assert acc["value"].tolist() == [1.0, 1.0]
