@@ -28,6 +28,8 @@ __all__ = ["StudyContext", "build_base", "data_modalities", "seed_everything"]
 
 #: Variant models kept per process (a pruned ``mapex_base`` is hundreds of MB).
 VARIANT_CACHE = 8
+#: Pruned models kept per process as starting points of prune-then-slim variants.
+PRUNED_CACHE = 2
 #: Task splits kept per process.
 DATA_CACHE = 16
 
@@ -84,6 +86,8 @@ class StudyContext:
         self.base = functools.cache(self._build_base)
         self._steps: dict[str, tuple[Any, ...]] = {}
         self._variants = functools.lru_cache(maxsize=VARIANT_CACHE)(self._build_variant)
+        self._pruned = functools.lru_cache(maxsize=PRUNED_CACHE)(self._build_pruned)
+        self._prune_plans: dict[tuple[str, str, float], PrunePlan] = {}
         self.dataset = functools.lru_cache(maxsize=DATA_CACHE)(self._build_dataset)
 
     def _build_base(self, label: str) -> nn.Module:
@@ -95,14 +99,25 @@ class StudyContext:
         return self._variants(label, variant.key)
 
     def _build_variant(self, label: str, key: str) -> nn.Module:
+        steps = self._steps[key]
         model = self.base(label)
-        for step in self._steps[key]:
+        if steps and isinstance(steps[0], PrunePlan) and len(steps) > 1:
+            # prune-then-slim: every width of one prune set starts from the same pruned model
+            # (pruned and calibrated once, kept in a small cache of its own)
+            p = steps[0]
+            pkey = ("+".join(p.modalities), p.strategy, float(p.coverage))
+            self._prune_plans[pkey] = p
+            model, steps = self._pruned(label, pkey), steps[1:]
+        for step in steps:
             if isinstance(step, PrunePlan):
                 model = self._prune(model, step)
             else:
                 model = slim_width(model, step.s, mode=step.mode, order=step.order,  # type: ignore[arg-type]
                                    seed=step.seed)  # fmt: skip
         return model.to(self.device).eval()  # new sub-modules join the study's device
+
+    def _build_pruned(self, label: str, pkey: tuple[str, str, float]) -> nn.Module:
+        return self._prune(self.base(label), self._prune_plans[pkey])
 
     def _prune(self, model: nn.Module, step: PrunePlan) -> nn.Module:
         """Prune with calibration data always given (the first task's ``train`` split, seed
