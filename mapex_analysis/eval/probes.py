@@ -31,6 +31,7 @@ from sklearn.multiclass import OneVsRestClassifier
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from mapex_analysis.eval.metrics import accuracy, macro_accuracy, mean_iou, multilabel_map
 
@@ -54,6 +55,13 @@ _SK_METRIC = {"l2": "euclidean", "cosine": "cosine"}
 PROTOCOLS = ("knn", "linear")
 #: Fixed iteration budget of every logistic regression (part of the protocol).
 LINEAR_MAX_ITER = 1000
+
+#: BLAS / OpenMP threads of a probe fit. The probes' matrices are small (thousands of rows,
+#: about a hundred features): extra threads only add synchronisation, and next to torch's own
+#: threads or other Dask workers they oversubscribe the cores. One thread gave bit-identical
+#: coefficients and cut the segmentation probe's fit from 6.6 s to 0.31 s on the 2-core
+#: machine while another process used both cores (benchmarks/bench_study.py).
+PROBE_THREADS = 1
 
 
 @dataclass
@@ -399,6 +407,22 @@ def run_probe(
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown probe protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    with threadpool_limits(limits=PROBE_THREADS):
+        return _run_probe(protocol, kind, train_X, train_y, test_X, test_y,
+                          num_classes=num_classes, **kwargs)  # fmt: skip
+
+
+def _run_probe(
+    protocol: str,
+    kind: str,
+    train_X: np.ndarray,
+    train_y: np.ndarray,
+    test_X: np.ndarray,
+    test_y: np.ndarray,
+    *,
+    num_classes: int | None = None,
+    **kwargs: Any,
+) -> ProbeResult:
     fn: Callable[..., ProbeResult]
     if kind in ("multiclass", "binary"):
         fn = knn_probe if protocol == "knn" else linear_probe
