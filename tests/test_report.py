@@ -126,3 +126,31 @@ def test_routing_tables_fall_back_to_model_labels_without_router_labels(tmp_path
     (sentence,) = router_learned_sentences(df)
     assert sentence.startswith("mx (router kind not declared in the study): measured:")
     assert "own group 75.0-75.0 %" in sentence and "25.00-25.00 %" in sentence
+
+
+def test_no_empty_figure_is_emitted_and_the_gap_is_said(tmp_path: Path) -> None:
+    from mapex_analysis.report import render_report
+    from mapex_analysis.study.results import write_cell
+
+    for i, (variant, op, width, macs) in enumerate(
+        [("base", "none", 1.0, 1000.0), ("slim[0.5,attn+mlp,first]", "slim", 0.5, 600.0)]
+    ):
+        c = dict(study="e", model="m", role="mapex", variant=variant, operator=op, width=width,
+                 modalities="rgb")  # fmt: skip
+        rows = [c | dict(protocol="cost", metric="macs", value=macs, unit="MACs")]
+        for task, protocols in (("landcover", ("knn", "linear")), ("segmentation", ("linear",))):
+            for p in protocols:
+                metric = "miou" if task == "segmentation" else "accuracy"
+                rows.append(c | dict(task=task, seed=0, protocol=p, metric=metric,
+                                     value=0.8 * width, unit="fraction"))  # fmt: skip
+        write_cell(tmp_path, f"c{i}", rows)
+    page = render_report(tmp_path).read_text()
+    titles = re.findall(r"<h3>(Retention vs relative MACs: [^<]+|Pareto front: [^<]+)</h3>", page)
+    assert titles == [
+        "Retention vs relative MACs: landcover, knn",
+        "Retention vs relative MACs: landcover, linear",
+        "Retention vs relative MACs: segmentation, linear",
+        "Pareto front: landcover, knn",
+        "Pareto front: segmentation, linear",
+    ]
+    assert "no knn results on segmentation (k-NN is not run on segmentation tasks)" in page

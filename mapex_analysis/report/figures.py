@@ -137,10 +137,14 @@ def pareto_front(points: pd.DataFrame, x: str = "rel_macs", y: str = "retention"
     return pts.loc[keep]
 
 
-def _layout(fig: go.Figure, title: str, xtitle: str, ytitle: str, logx: bool = False) -> None:
+def _layout(
+    fig: go.Figure, title: str, xtitle: str, ytitle: str, logx: bool = False,
+    categorical: bool = False,
+) -> None:  # fmt: skip
     fig.update_layout(title=title, template="plotly_white", height=420,
                       margin=dict(l=60, r=20, t=50, b=50), legend=dict(font=dict(size=10)))  # fmt: skip
-    fig.update_xaxes(title=xtitle, type="log" if logx else "linear")
+    # a category axis for names (modalities): on a linear axis Chromium draws no bar at all
+    fig.update_xaxes(title=xtitle, type="category" if categorical else "log" if logx else "linear")
     fig.update_yaxes(title=ytitle)
 
 
@@ -321,6 +325,6 @@ def attribution_figure(df: pd.DataFrame) -> go.Figure:
         m = g.groupby("subject", sort=False)["value"].mean()
         fig.add_trace(go.Bar(x=list(m.index), y=m.values, name=f"{model}, {task}"))
     _layout(fig, "Modality attribution (feature ablation of the linear probe)", "modality",
-            "mean drop of true-class probability")  # fmt: skip
+            "mean drop of true-class probability", categorical=True)  # fmt: skip
     fig.update_layout(barmode="group")
     return fig

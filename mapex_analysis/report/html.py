@@ -226,13 +226,27 @@ def render_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
     task = _primary_task(df)
     protocols = list(dict.fromkeys(summary["protocol"])) if not summary.empty else []
     figs: list[tuple[str, go.Figure]] = []
-    for t in dict.fromkeys(summary["task"]):
+    #: figures that would be empty, and why (said in text instead of drawn)
+    empty: list[str] = []
+    tasks = list(dict.fromkeys(summary["task"])) if not summary.empty else []
+    has = (
+        {(t, p) for t, p in zip(summary["task"], summary["protocol"], strict=True)}
+        if tasks
+        else set()
+    )
+    for t in tasks:
         for p in protocols:
-            figs.append((f"Retention vs relative MACs: {t}, {p}", retention_figure(summary, t, p)))
-    for t in dict.fromkeys(summary["task"]):
-        if protocols:
-            figs.append((f"Pareto front: {t}, {protocols[0]}",
-                         pareto_figure(summary, t, protocols[0])))  # fmt: skip
+            if (t, p) in has:
+                figs.append((f"Retention vs relative MACs: {t}, {p}",
+                             retention_figure(summary, t, p)))  # fmt: skip
+            else:
+                empty.append(f"Retention vs relative MACs and Pareto front for {t}, {p}: no "
+                             f"{p} results on {t}" + (" (k-NN is not run on segmentation "
+                             "tasks)" if p == "knn" else ""))  # fmt: skip
+    for t in tasks:
+        p0 = next((p for p in protocols if (t, p) in has), None)
+        if p0 is not None:
+            figs.append((f"Pareto front: {t}, {p0}", pareto_figure(summary, t, p0)))
     if (df["metric"] == "latency_median").any():
         figs.append(("Latency vs MACs", latency_figure(df)))
     figs += [(f"Specialisation: {m}", f) for m, f in specialization_figures(df)]
@@ -278,6 +292,10 @@ def render_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
     for i, (title, fig) in enumerate(figs):
         parts.append(f"<h3>{html.escape(title)}</h3>")
         parts.append(_figure_div(fig, i))
+    if empty:
+        parts.append("<h3>Figures not drawn</h3><ul class='note'>")
+        parts += [f"<li>{html.escape(s)}</li>" for s in empty]
+        parts.append("</ul>")
     parts += [
         "<h2>Run metadata</h2><h3>Environment</h3>",
         f"<pre>{html.escape(json.dumps(env, indent=2, sort_keys=True))}</pre>",
