@@ -1,7 +1,8 @@
 """Frozen features, probes, short fine-tuning and task metrics (retention protocol).
 
 See :mod:`.features` (extraction + cache), :mod:`.probes` (k-NN, linear, multi-label,
-segmentation), :mod:`.finetune` and :mod:`.metrics`.
+segmentation), :mod:`.finetune`, :mod:`.metrics` and :mod:`.stats` (bootstrap, binomial and
+seed intervals).
 """
 
 from mapex_analysis.eval.features import Features, SplitFeatures, extract_features
@@ -25,6 +26,13 @@ from mapex_analysis.eval.probes import (
     run_probe,
     segmentation_probe,
 )
+from mapex_analysis.eval.stats import (
+    bootstrap_interval,
+    intervals_overlap,
+    ratio_interval,
+    seed_interval,
+    wilson_interval,
+)
 
 __all__ = [
     "Features",
@@ -33,8 +41,10 @@ __all__ = [
     "SeedSummary",
     "SplitFeatures",
     "accuracy",
+    "bootstrap_interval",
     "extract_features",
     "finetune",
+    "intervals_overlap",
     "knn_multilabel_probe",
     "knn_probe",
     "linear_multilabel_probe",
@@ -43,8 +53,11 @@ __all__ = [
     "mean_iou",
     "mean_std",
     "multilabel_map",
+    "ratio_interval",
     "retention",
     "run_probe",
+    "seed_interval",
     "segmentation_probe",
     "summarize_seeds",
+    "wilson_interval",
 ]

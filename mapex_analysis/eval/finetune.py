@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from mapex_analysis.eval.features import as_arrays, patch_tokens
 from mapex_analysis.eval.metrics import accuracy, mean_iou, multilabel_map
+from mapex_analysis.eval.stats import bootstrap_interval
 from mapex_analysis.modalities import validate_modalities
 
 __all__ = ["TASK_KINDS", "FinetuneResult", "FinetunedModel", "finetune"]
@@ -78,12 +79,16 @@ class FinetuneResult:
         metric: Name of the validation metric.
         value: Validation metric after the last epoch, in [0, 1].
         history: Per epoch ``{"epoch", "train_loss", metric}``.
+        interval: 95 % bootstrap interval of ``value`` over the validation scenes
+            (:func:`~mapex_analysis.eval.stats.bootstrap_interval`, resampling seeded by the
+            fine-tuning seed).
     """
 
     model: FinetunedModel
     metric: str
     value: float
     history: list[dict[str, float]] = field(default_factory=list)
+    interval: tuple[float, float] = (float("nan"), float("nan"))
 
 
 def _task(data: Any, task: Any) -> tuple[str, int]:
@@ -112,9 +117,11 @@ def _loss(kind: str, logits: Tensor, y: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _evaluate(
-    model: FinetunedModel, x: dict[str, Tensor], y: Tensor, kind: str, num_classes: int, bs: int
-) -> float:
+def _predict(
+    model: FinetunedModel, x: dict[str, Tensor], y: Tensor, kind: str, bs: int
+) -> tuple[str, np.ndarray]:
+    """The metric name of ``kind`` and the predictions it scores (classes, or label
+    probabilities for multi-label)."""
     model.eval()
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     with torch.no_grad():
@@ -124,11 +131,14 @@ def _evaluate(
         ]
     logits = torch.cat(outs)
     if kind == "multilabel":
-        return multilabel_map(y.numpy(), torch.sigmoid(logits).numpy())
-    pred = logits.argmax(dim=1).numpy()
-    if kind == "segmentation":
-        return mean_iou(y.numpy(), pred, num_classes)
-    return accuracy(y.numpy(), pred)
+        return "map", torch.sigmoid(logits).numpy()
+    return ("miou" if kind == "segmentation" else "accuracy"), logits.argmax(dim=1).numpy()
+
+
+def _score(name: str, y: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
+    if name == "map":
+        return multilabel_map(y, pred)
+    return mean_iou(y, pred, num_classes) if name == "miou" else accuracy(y, pred)
 
 
 def finetune(
@@ -206,8 +216,10 @@ def finetune(
             opt.step()
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
-        value = _evaluate(ft, x_va, y_va, kind, num_classes, batch_size)
+        name, pred = _predict(ft, x_va, y_va, kind, batch_size)
+        value = _score(name, y_va.numpy(), pred, num_classes)
         history.append({"epoch": epoch, "train_loss": total / seen, metric: value})
         logger.info("finetune epoch %d: loss %.4f, val %s %.4f", epoch, total / seen, metric, value)
     ft.eval()
-    return FinetuneResult(ft, metric, value, history)
+    interval = bootstrap_interval(name, y_va.numpy(), pred, num_classes=num_classes, seed=seed)
+    return FinetuneResult(ft, metric, value, history, interval)

@@ -34,6 +34,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from mapex_analysis.eval.metrics import accuracy, macro_accuracy, mean_iou, multilabel_map
+from mapex_analysis.eval.stats import bootstrap_interval
 
 __all__ = [
     "PROTOCOLS",
@@ -76,12 +77,17 @@ class ProbeResult:
         metrics: Metric name -> value in [0, 1] (``accuracy``, ``macro_accuracy``, ``map``,
             ``miou``).
         estimator: The fitted scikit-learn estimator.
+        intervals: Metric name -> 95 % bootstrap interval over test scenes
+            (:func:`~mapex_analysis.eval.stats.bootstrap_interval`), filled by
+            :func:`run_probe` for every metric of ``metrics`` except the patch-level
+            ``patch_miou``.
     """
 
     predictions: np.ndarray
     scores: np.ndarray | None
     metrics: dict[str, float]
     estimator: Any = field(repr=False)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def _check_xy(train_X: np.ndarray, train_y: np.ndarray, test_X: np.ndarray, test_y: np.ndarray):
@@ -384,6 +390,7 @@ def run_probe(
     test_y: np.ndarray,
     *,
     num_classes: int | None = None,
+    ci_seed: int = 0,
     **kwargs: Any,
 ) -> ProbeResult:
     """Run the probe a study names, for a task kind.
@@ -397,10 +404,13 @@ def run_probe(
         test_X: Test features.
         test_y: Test labels.
         num_classes: Required for segmentation.
-        **kwargs: Passed to the probe (``k``, ``metric``, ``standardize``, ``C``, ``seed``).
+        ci_seed: Seed of the bootstrap resampling of the intervals.
+        **kwargs: Passed to the probe (``k``, ``metric``, ``standardize``, ``C``, ``seed``,
+            ``ignore_index``).
 
     Returns:
-        The probe's :class:`ProbeResult`.
+        The probe's :class:`ProbeResult`, with a 95 % bootstrap interval over test scenes
+        for each metric.
 
     Raises:
         ValueError: for an unknown protocol or kind, or a combination that does not exist.
@@ -408,8 +418,17 @@ def run_probe(
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown probe protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
     with threadpool_limits(limits=PROBE_THREADS):
-        return _run_probe(protocol, kind, train_X, train_y, test_X, test_y,
-                          num_classes=num_classes, **kwargs)  # fmt: skip
+        res = _run_probe(protocol, kind, train_X, train_y, test_X, test_y,
+                         num_classes=num_classes, **kwargs)  # fmt: skip
+    ignore = kwargs.get("ignore_index")
+    for name in res.metrics:
+        if name == "patch_miou":
+            continue
+        pred = res.scores if name == "map" else res.predictions
+        assert pred is not None
+        res.intervals[name] = bootstrap_interval(name, test_y, pred, num_classes=num_classes,
+                                                 ignore_index=ignore, seed=ci_seed)  # fmt: skip
+    return res
 
 
 def _run_probe(

@@ -19,6 +19,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from mapex_analysis.eval.stats import ratio_interval, seed_interval
+
 __all__ = [
     "PRIMARY_METRIC",
     "attribution_figure",
@@ -51,36 +53,71 @@ def _primary(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(keep) if keep else probes.iloc[0:0]
 
 
+def _interval_of(g: pd.DataFrame, col: str, lo: str, hi: str) -> tuple[float, float, str]:
+    """The 95 % interval of the mean of ``col`` over the seeds of ``g``: Student t over seeds
+    for two or more seeds, else the single row's bootstrap interval ``(lo, hi)``."""
+    if g["seed"].nunique() >= 2:
+        per_seed = g.groupby("seed")[col].mean()
+        a, b = seed_interval(per_seed.to_numpy())
+        return a, b, f"t over {len(per_seed)} seeds"
+    return float(g[lo].mean()), float(g[hi].mean()), "bootstrap over test scenes"
+
+
 def probe_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per variant, task and protocol: mean / std over seeds of the headline metric, with
-    retention, MACs and relative MACs.
+    """Per variant, task and protocol: the headline metric over seeds with its 95 %
+    interval, retention with its interval, MACs and relative MACs.
+
+    Intervals (:mod:`mapex_analysis.eval.stats`): with two or more seeds, the Student-t
+    interval of the mean over seeds (the seeds vary the data sample and the probe's or
+    fine-tuning's initialisation); with one seed, the bootstrap over test scenes, and for
+    retention its delta-method ratio with the base variant's interval (conservative: both are
+    scored on the same scenes). The base variant's retention is 1 by definition.
 
     Args:
         df: The results table.
 
     Returns:
         One row per (model, variant, modalities, task, protocol) with ``value`` (mean),
-        ``std``, ``n_seeds``, ``retention``, ``macs``, ``rel_macs``, ``params``.
+        ``std``, ``n_seeds``, ``ci_low``, ``ci_high``, ``retention``, ``ret_low``,
+        ``ret_high``, ``ret_std``, ``interval`` (how the intervals were computed), ``macs``,
+        ``rel_macs``, ``params``.
     """
     p = _primary(df)
+    cols = [*_KEY, "value", "std", "n_seeds", "ci_low", "ci_high", "retention", "ret_low",
+            "ret_high", "ret_std", "interval", "macs", "rel_macs", "params"]  # fmt: skip
     if p.empty:
-        return pd.DataFrame(columns=[*_KEY, "value", "std", "n_seeds", "retention", "macs",
-                                     "rel_macs", "params"])  # fmt: skip
+        return pd.DataFrame(columns=cols)
+    for c in ("ci_low", "ci_high"):
+        if c not in p:
+            p = p.assign(**{c: np.nan})
     # Retention per seed against the base variant fed the same modalities.
-    ref = p[p["variant"] == "base"][["model", "modalities", "task", "protocol", "metric", "seed",
-                                     "value"]].rename(columns={"value": "ref"})  # fmt: skip
-    p = p.merge(ref, on=["model", "modalities", "task", "protocol", "metric", "seed"], how="left")
-    p["retention"] = p["value"] / p["ref"]
-    agg = (
-        p.groupby(_KEY, dropna=False, sort=False)
-        .agg(
-            value=("value", "mean"),
-            std=("value", "std"),
-            n_seeds=("seed", "nunique"),
-            retention=("retention", "mean"),
-        )  # fmt: skip
-        .reset_index()
+    on = ["model", "modalities", "task", "protocol", "metric", "seed"]
+    ref = p[p["variant"] == "base"][[*on, "value", "ci_low", "ci_high"]].rename(
+        columns={"value": "ref", "ci_low": "ref_low", "ci_high": "ref_high"}
     )
+    p = p.merge(ref, on=on, how="left")
+    p["retention"] = p["value"] / p["ref"]
+    base = p["variant"] == "base"
+    single = [ratio_interval(v, (a, b), r, (c, d)) for v, a, b, r, c, d in
+              zip(p["value"], p["ci_low"], p["ci_high"], p["ref"], p["ref_low"], p["ref_high"],
+                  strict=True)]  # fmt: skip
+    p["ret_ci_low"] = np.where(base, 1.0, [x[0] for x in single])
+    p["ret_ci_high"] = np.where(base, 1.0, [x[1] for x in single])
+    records = []
+    for key, g in p.groupby(_KEY, dropna=False, sort=False):
+        lo, hi, how = _interval_of(g, "value", "ci_low", "ci_high")
+        if bool((g["variant"] == "base").all()):
+            rlo, rhi = 1.0, 1.0
+        else:
+            rlo, rhi, _ = _interval_of(g, "retention", "ret_ci_low", "ret_ci_high")
+        per_seed = g.groupby("seed")[["value", "retention"]].mean()
+        records.append(dict(zip(_KEY, key, strict=True)) | {
+            "value": float(per_seed["value"].mean()), "std": float(per_seed["value"].std()),
+            "n_seeds": len(per_seed), "ci_low": lo, "ci_high": hi,
+            "retention": float(per_seed["retention"].mean()), "ret_low": rlo, "ret_high": rhi,
+            "ret_std": float(per_seed["retention"].std()), "interval": how,
+        })  # fmt: skip
+    agg = pd.DataFrame.from_records(records)
     cost = df[df["protocol"] == "cost"]
     macs = cost[cost["metric"] == "macs"][["model", "variant", "modalities", "value"]]
     macs = macs.rename(columns={"value": "macs"})
@@ -90,7 +127,7 @@ def probe_summary(df: pd.DataFrame) -> pd.DataFrame:
     params = cost[cost["metric"] == "params_total"][["model", "variant", "modalities", "value"]]
     agg = agg.merge(params.rename(columns={"value": "params"}),
                     on=["model", "variant", "modalities"], how="left")  # fmt: skip
-    return agg
+    return agg[cols]
 
 
 def widest(modalities: pd.Series) -> str:

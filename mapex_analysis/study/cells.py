@@ -75,7 +75,8 @@ def _probe_rows(m: EvalInputs) -> list[dict[str, Any]]:
             res = finetune(m.model, m.train, m.test, modalities=cell.modalities, epochs=ft.epochs,
                            lr=ft.lr, batch_size=ft.batch_size, seed=cell.seed)  # fmt: skip
             rows.append(m.row | {"protocol": "finetune", "metric": res.metric,
-                                 "value": res.value, "unit": "fraction"})  # fmt: skip
+                                 "value": res.value, "unit": "fraction",
+                                 "ci_low": res.interval[0], "ci_high": res.interval[1]})  # fmt: skip
             continue
         if spec.kind == "segmentation" and protocol == "knn":
             logger.info("segmentation has no k-NN probe; skipped for %s", cell.describe())
@@ -84,11 +85,13 @@ def _probe_rows(m: EvalInputs) -> list[dict[str, Any]]:
         if spec.kind == "segmentation":
             kwargs["ignore_index"] = spec.ignore_index
         res_p = run_probe(protocol, spec.kind, feats.train.X, feats.train.y, feats.test.X,
-                          feats.test.y, num_classes=spec.num_classes, **kwargs)  # fmt: skip
+                          feats.test.y, num_classes=spec.num_classes, ci_seed=max(cell.seed, 0),
+                          **kwargs)  # fmt: skip
         m.probes[protocol] = res_p
         for metric, value in sorted(res_p.metrics.items()):
+            lo, hi = res_p.intervals.get(metric, (float("nan"), float("nan")))
             rows.append(m.row | {"protocol": protocol, "metric": metric, "value": float(value),
-                                 "unit": "fraction"})  # fmt: skip
+                                 "unit": "fraction", "ci_low": lo, "ci_high": hi})  # fmt: skip
     return rows
 
 

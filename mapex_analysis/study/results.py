@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 #: ``expert_group`` the modality owning a routed expert, ``layer`` / ``expert`` / ``batch_size`` are -1 where they do not apply.
 #: ``device`` is the hardware a row was computed on (``cpu (x86_64)``, ``cuda:0
 #: (NVIDIA H200)``), ``precision`` the feature-extraction precision of eval rows.
+#: ``ci_low`` / ``ci_high`` bound the 95 % bootstrap interval over test scenes of a probe or
+#: fine-tuning metric (NaN for rows without one).
 COLUMNS: dict[str, str] = {
     "study": "string",
     "cell": "string",
@@ -59,6 +61,8 @@ COLUMNS: dict[str, str] = {
     "seed": "int64",
     "metric": "string",
     "value": "float64",
+    "ci_low": "float64",
+    "ci_high": "float64",
     "unit": "string",
     "subject": "string",
     "layer": "int64",
