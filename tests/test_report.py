@@ -11,7 +11,13 @@ import pandas as pd
 import pytest
 
 from mapex_analysis.report import modality_findings, render_report
-from mapex_analysis.report.figures import pareto_front, probe_summary
+from mapex_analysis.report.figures import (
+    binned_retention,
+    collapse_duplicate_widths,
+    compute_bin,
+    pareto_front,
+    probe_summary,
+)
 from mapex_analysis.study.results import read_results, write_cell
 
 # (model, role, variant, operator, prune, width, modalities, MACs, k-NN accuracy)
@@ -89,8 +95,8 @@ def test_html_numbers_equal_table(tmp_path: Path, table: pd.DataFrame) -> None:
     page = path.read_text()
     assert "<script src" not in page and "Plotly.newPlot" in page  # plotly inlined, offline
     cells = re.findall(r'data-value="([^"]+)" data-unit="[^"]+" data-query="([^"]+)"', page)
-    # seed table: 2 models x (sar, all, params) = 6 numbers
-    assert len(cells) == 6
+    # short answer: 1 (landcover, sar); seed table: 2 models x (sar, all, params) = 6 numbers
+    assert len(cells) == 7
     for value, query in cells:
         q = json.loads(unescape(query))
         agg = q.pop("agg", "mean")  # a cell says how it aggregates its rows (default: mean)
@@ -154,3 +160,62 @@ def test_no_empty_figure_is_emitted_and_the_gap_is_said(tmp_path: Path) -> None:
         "Pareto front: segmentation, linear",
     ]
     assert "no knn results on segmentation (k-NN is not run on segmentation tasks)" in page
+
+
+def _with_intervals(folder: Path, seeds: dict[int, float]) -> pd.DataFrame:
+    """m's base and pruned SAR rows with bootstrap intervals, over the given seeds
+    (seed -> accuracy of the pruned model; the base model scores 0.60 +- 0.05)."""
+    rows = []
+    for seed, acc in seeds.items():
+        for variant, op, value in (("base", "none", 0.60), ("prune[sar]", "prune", acc)):
+            c = dict(study="ci", model="m", role="mapex", variant=variant, operator=op,
+                     prune="sar" if op == "prune" else "", width=1.0, modalities="sar")  # fmt: skip
+            rows += [c | dict(protocol="cost", metric="macs", value=400.0 if op == "none"
+                              else 380.0, unit="MACs"),
+                     c | dict(task="landcover", seed=seed, protocol="knn", metric="accuracy",
+                              value=value, ci_low=value - 0.05, ci_high=value + 0.05,
+                              unit="fraction")]  # fmt: skip
+    write_cell(folder, "ci", rows)
+    return read_results(folder)
+
+
+def test_single_seed_intervals_are_bootstrap_and_delta_method(tmp_path: Path) -> None:
+    s = probe_summary(_with_intervals(tmp_path, {0: 0.57})).set_index("variant")
+    p = s.loc["prune[sar]"]
+    assert (p["ci_low"], p["ci_high"]) == pytest.approx((0.52, 0.62))
+    r = 0.57 / 0.60  # delta method: sqrt((0.05/0.6)^2 + (r*0.05/0.6)^2)
+    half = ((0.05 / 0.6) ** 2 + (r * 0.05 / 0.6) ** 2) ** 0.5
+    assert (p["ret_low"], p["ret_high"]) == pytest.approx((r - half, r + half))
+    assert p["interval"] == "bootstrap over test scenes"
+    assert (s.loc["base", "ret_low"], s.loc["base", "ret_high"]) == (1.0, 1.0)
+    (line,) = modality_findings(probe_summary(_with_intervals(tmp_path, {0: 0.57})), 0.95)
+    assert f"retention 0.950 (95 % CI {r - half:.3f}-{r + half:.3f}" in line
+    assert "indistinguishable from 95%" in line
+
+
+def test_seed_intervals_are_student_t_over_seeds(tmp_path: Path) -> None:
+    s = probe_summary(_with_intervals(tmp_path, {0: 0.56, 1: 0.58, 2: 0.60}))
+    p = s.set_index("variant").loc["prune[sar]"]
+    half = 4.302652729911275 * 0.02 / 3**0.5  # t(0.975, 2) * SD / sqrt(n)
+    assert (p["ci_low"], p["ci_high"]) == pytest.approx((0.58 - half, 0.58 + half))
+    assert p["n_seeds"] == 3 and p["interval"] == "t over 3 seeds"
+    rh = 4.302652729911275 * (0.02 / 0.6) / 3**0.5
+    assert (p["ret_low"], p["ret_high"]) == pytest.approx((0.58 / 0.6 - rh, 0.58 / 0.6 + rh))
+    page = render_report(tmp_path).read_text()
+    low = re.search(r'data-value="0.58\d*" data-unit="fraction" data-query="[^"]+" '
+                    r'data-low="([^"]+)" data-high="([^"]+)"', page)  # fmt: skip
+    assert low is not None and float(low.group(1)) == pytest.approx(0.58 - half)
+    assert "clearly below 95%" not in page and "indistinguishable from 95%" in page
+
+
+def test_duplicate_widths_collapse_and_bins() -> None:
+    assert [compute_bin(x) for x in (1.0, 0.95, 0.31, 0.1, 0.099, 0.004)] == pytest.approx(
+        [1.0, 0.9, 0.3, 0.1, 0.01, 0.001]
+    )
+    g = pd.DataFrame({"modalities": ["sar"] * 4, "prune": [""] * 4,
+                      "width": [0.5, 0.04, 0.03, 0.02], "macs": [50.0, 10.0, 10.0, 10.0],
+                      "rel_macs": [0.5, 0.1, 0.1, 0.1], "retention": [0.9, 0.5, 0.5, 0.5]})  # fmt: skip
+    c = collapse_duplicate_widths(g)
+    assert len(c) == 2 and c.set_index("width").loc[0.04, "widths"] == "0.04,0.03,0.02"
+    b = binned_retention(c)
+    assert b["n"].tolist() == [1, 1] and "several widths" in b["label"].iloc[0]

@@ -192,7 +192,9 @@ def wilson_interval(p: float, n: int, level: float = CI_LEVEL) -> tuple[float, f
     return centre - half, centre + half
 
 
-def seed_interval(values: Sequence[float] | np.ndarray, level: float = CI_LEVEL) -> tuple[float, float]:
+def seed_interval(
+    values: Sequence[float] | np.ndarray, level: float = CI_LEVEL
+) -> tuple[float, float]:
     """Student-t interval of the mean over seeds (NaN for fewer than two seeds).
 
     Args:

@@ -2,7 +2,8 @@
 
 Every number cell is ``<td data-value=... data-unit=... data-query=...>``: the value, its unit
 and the results-table selection (``{column: value}``, plus ``agg`` when the cell is not the
-mean of the selected rows), so a test can recompute each number from the table.
+mean of the selected rows), so a test can recompute each number from the table. A cell with a
+95 % interval also carries ``data-low`` / ``data-high`` and shows it under the value.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["fmt", "mean", "td"]
+from mapex_analysis.eval.stats import seed_interval
+
+__all__ = ["fmt", "interval", "mean", "td"]
 
 
 def fmt(v: float, unit: str = "fraction") -> str:
@@ -29,17 +32,41 @@ def fmt(v: float, unit: str = "fraction") -> str:
     return f"{v:.3g}"
 
 
-def td(v: float, query: Mapping[str, Any], unit: str = "fraction") -> str:
-    """A ``<td>`` with the value, its unit and the query that selects its rows."""
+def td(
+    v: float, query: Mapping[str, Any], unit: str = "fraction",
+    ci: tuple[float, float] | None = None,
+) -> str:  # fmt: skip
+    """A ``<td>`` with the value, its unit, the query that selects its rows and, when given
+    and finite, its 95 % interval."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "<td>-</td>"
     q = html.escape(json.dumps(dict(query), sort_keys=True))
-    return f'<td data-value="{v!r}" data-unit="{unit}" data-query="{q}">{fmt(v, unit)}</td>'
+    extra, shown = "", fmt(v, unit)
+    if ci is not None and all(math.isfinite(c) for c in ci):
+        extra = f' data-low="{ci[0]!r}" data-high="{ci[1]!r}"'
+        shown += f"<br><span class='ci'>{fmt(ci[0], unit)}-{fmt(ci[1], unit)}</span>"
+    return f'<td data-value="{v!r}" data-unit="{unit}" data-query="{q}"{extra}>{shown}</td>'
+
+
+def _select(df: pd.DataFrame, eq: Mapping[str, Any]) -> pd.DataFrame:
+    m = df
+    for k, v in eq.items():
+        m = m[m[k] == v]
+    return m
+
+
+def interval(df: pd.DataFrame, **eq: Any) -> tuple[float, float]:
+    """95 % interval of :func:`mean` of the selected rows: Student t over their seeds when
+    they span two or more seeds, else the rows' bootstrap interval (``ci_low``/``ci_high``)."""
+    m = _select(df, eq)
+    if m.empty or "ci_low" not in m:
+        return float("nan"), float("nan")
+    if m["seed"].nunique() >= 2:
+        return seed_interval(m.groupby("seed")["value"].mean().to_numpy())
+    return float(m["ci_low"].mean()), float(m["ci_high"].mean())
 
 
 def mean(df: pd.DataFrame, **eq: Any) -> float:
     """Mean ``value`` of the rows where every ``column == value`` of ``eq`` (NaN if none)."""
-    m = df
-    for k, v in eq.items():
-        m = m[m[k] == v]
+    m = _select(df, eq)
     return float(m["value"].mean()) if len(m) else float("nan")

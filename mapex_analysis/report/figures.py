@@ -24,6 +24,9 @@ from mapex_analysis.eval.stats import ratio_interval, seed_interval
 __all__ = [
     "PRIMARY_METRIC",
     "attribution_figure",
+    "binned_retention",
+    "collapse_duplicate_widths",
+    "compute_bin",
     "latency_figure",
     "pareto_front",
     "pareto_figure",
@@ -119,14 +122,12 @@ def probe_summary(df: pd.DataFrame) -> pd.DataFrame:
         })  # fmt: skip
     agg = pd.DataFrame.from_records(records)
     cost = df[df["protocol"] == "cost"]
-    macs = cost[cost["metric"] == "macs"][["model", "variant", "modalities", "value"]]
-    macs = macs.rename(columns={"value": "macs"})
-    agg = agg.merge(macs, on=["model", "variant", "modalities"], how="left")
-    full = _full_macs(df)
-    agg["rel_macs"] = agg["macs"] / agg["model"].map(full)
-    params = cost[cost["metric"] == "params_total"][["model", "variant", "modalities", "value"]]
-    agg = agg.merge(params.rename(columns={"value": "params"}),
-                    on=["model", "variant", "modalities"], how="left")  # fmt: skip
+    on = ["model", "variant", "modalities"]
+    for metric, col in (("macs", "macs"), ("params_total", "params")):
+        # one value per variant and input (cost rows do not depend on task or seed)
+        v = cost[cost["metric"] == metric].groupby(on, sort=False)["value"].mean()
+        agg = agg.merge(v.rename(col).reset_index(), on=on, how="left")
+    agg["rel_macs"] = agg["macs"] / agg["model"].map(_full_macs(df))
     return agg[cols]
 
 
@@ -189,14 +190,79 @@ def _family(row: pd.Series) -> str:
     if row["operator"] == "prune+slim":
         return f"prune[{row['prune']}]+slim"
     if row["operator"] == "slim":
-        return f"slim @{row['modalities']}"
+        return "slim"
     if row["operator"] == "prune":
         return "prune"
     return "full model"
 
 
+def collapse_duplicate_widths(g: pd.DataFrame) -> pd.DataFrame:
+    """One row per distinct model among slimmed variants: widths that keep the same
+    dimensions per head and MLP units give identical MACs (and identical models) for the same
+    modalities, so they are one point; ``widths`` lists the widths it stands for, ``n_widths``
+    how many.
+
+    Args:
+        g: Summary rows of one model and operator family.
+
+    Returns:
+        The collapsed rows (the widest width of each group kept as the representative).
+    """
+    g = g.sort_values("width", ascending=False)
+    keys = ["modalities", "prune", "macs"]
+    rep = g.groupby(keys, sort=False, dropna=False).head(1).copy()
+    widths = g.groupby(keys, sort=False, dropna=False)["width"].apply(
+        lambda w: ",".join(f"{x:g}" for x in w)
+    )
+    rep = rep.merge(widths.rename("widths").reset_index(), on=keys, how="left")
+    rep["n_widths"] = rep["widths"].str.count(",") + 1
+    return rep
+
+
+def compute_bin(rel: float) -> float:
+    """The bin of a relative-compute value: 10 % bins at or above 0.1 (the slimmability
+    paper's), decades below (the log view of the smallest widths). Returns the bin's lower
+    edge."""
+    if not np.isfinite(rel) or rel <= 0:
+        return float("nan")
+    if rel >= 0.1:
+        return min(np.floor(rel * 10 + 1e-9) / 10, 1.0)
+    return float(10.0 ** np.floor(np.log10(rel) + 1e-9))
+
+
+def binned_retention(g: pd.DataFrame) -> pd.DataFrame:
+    """Mean +- 2 SD of retention per relative-compute bin (:func:`compute_bin`) over the points
+    in it (modality sets and widths; each point already the mean over seeds).
+
+    Args:
+        g: Collapsed summary rows of one model and operator family.
+
+    Returns:
+        One row per bin: ``bin``, ``rel_macs`` (mean), ``retention`` (mean), ``sd`` (NaN for a
+        single point), ``n`` (points), ``label``.
+    """
+    g = g.dropna(subset=["rel_macs", "retention"]).copy()
+    g["bin"] = g["rel_macs"].map(compute_bin)
+    rows = []
+    for b, gb in g.groupby("bin", sort=True):
+        dup = int((gb["n_widths"] > 1).sum()) if "n_widths" in gb else 0
+        label = f"{len(gb)} point(s): " + "; ".join(
+            f"{m} s={w}" for m, w in zip(gb["modalities"], gb.get("widths", gb["width"]),
+                                         strict=True))  # fmt: skip
+        if dup:
+            label += f" ({dup} point(s) stand for several widths with the same kept dims)"
+        rows.append({"bin": b, "rel_macs": float(gb["rel_macs"].mean()),
+                     "retention": float(gb["retention"].mean()),
+                     "sd": float(gb["retention"].std()) if len(gb) > 1 else float("nan"),
+                     "n": len(gb), "label": label})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 def retention_figure(summary: pd.DataFrame, task: str, protocol: str) -> go.Figure:
-    """Retention vs relative MACs for pruning, slimming and their composition.
+    """Retention vs relative MACs for pruning, slimming and their composition, one model at a
+    time (a menu picks the model): slimming curves binned by relative compute with a +- 2 SD
+    band (:func:`binned_retention`, duplicate widths collapsed), pruning and the full model as
+    points with their 95 % retention intervals.
 
     Args:
         summary: From :func:`probe_summary`.
@@ -204,21 +270,49 @@ def retention_figure(summary: pd.DataFrame, task: str, protocol: str) -> go.Figu
         protocol: Probe protocol shown.
 
     Returns:
-        The figure (one trace per model and operator family; slimming curves ordered by width).
+        The figure.
     """
     s = summary[(summary["task"] == task) & (summary["protocol"] == protocol)].copy()
     fig = go.Figure()
+    owners: list[str] = []
     if not s.empty:
         s["family"] = s.apply(_family, axis=1)
         for (model, fam), g in s.groupby(["model", "family"], sort=True):
-            g = g.sort_values("rel_macs")
-            fig.add_trace(go.Scatter(
-                x=g["rel_macs"], y=g["retention"], name=f"{model}: {fam}",
-                mode="lines+markers" if "slim" in str(fam) else "markers",
-                text=g["variant"] + " @" + g["modalities"],
-                hovertemplate="%{text}<br>rel. MACs %{x:.4f}<br>retention %{y:.3f}<extra></extra>",
-            ))  # fmt: skip
-    _layout(fig, f"Retention vs relative MACs: {task}, {protocol} probe",
+            if "slim" in str(fam):
+                b = binned_retention(collapse_duplicate_widths(g))
+                if b.empty:
+                    continue
+                fig.add_trace(go.Scatter(
+                    x=b["rel_macs"], y=b["retention"], name=f"{fam} (binned)",
+                    mode="lines+markers", text=b["label"],
+                    error_y=dict(type="data", array=(2 * b["sd"]).fillna(0).to_numpy(),
+                                 visible=True),
+                    hovertemplate="%{text}<br>rel. MACs %{x:.4f}<br>retention %{y:.3f}"
+                                  "<extra></extra>",
+                ))  # fmt: skip
+            else:
+                g = g.dropna(subset=["rel_macs"]).sort_values("rel_macs")
+                fig.add_trace(go.Scatter(
+                    x=g["rel_macs"], y=g["retention"], name=str(fam), mode="markers",
+                    text=g["variant"] + " @" + g["modalities"],
+                    error_y=dict(type="data", array=(g["ret_high"] - g["retention"]).fillna(0),
+                                 arrayminus=(g["retention"] - g["ret_low"]).fillna(0)),
+                    hovertemplate="%{text}<br>rel. MACs %{x:.4f}<br>retention %{y:.3f}"
+                                  "<extra></extra>",
+                ))  # fmt: skip
+            owners.append(str(model))
+    models = list(dict.fromkeys(owners))
+    for tr, owner in zip(fig.data, owners, strict=True):
+        tr.visible = owner == models[0]
+        tr.legendgroup = owner
+    if len(models) > 1:
+        fig.update_layout(updatemenus=[dict(
+            type="dropdown", x=1.0, xanchor="right", y=1.15, yanchor="top",
+            buttons=[dict(label=m, method="update",
+                          args=[{"visible": [o == m for o in owners]}]) for m in models],
+        )])  # fmt: skip
+    _layout(fig, f"Retention vs relative MACs: {task}, {protocol} probe"
+            + (" (menu: model)" if len(models) > 1 else ""),
             "MACs / MACs of the full model (log)", "retention (same inputs)", logx=True)  # fmt: skip
     return fig
 

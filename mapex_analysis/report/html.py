@@ -12,7 +12,9 @@ from __future__ import annotations
 import html
 import json
 import logging
+import math
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -20,8 +22,11 @@ import plotly.io as pio
 import plotly.offline
 import yaml
 
+from mapex_analysis.eval.stats import intervals_overlap
 from mapex_analysis.files import atomic_write_text
 from mapex_analysis.modalities import DEFAULT_MODALITIES
+from mapex_analysis.report.cells import fmt as _fmt
+from mapex_analysis.report.cells import interval as _interval
 from mapex_analysis.report.cells import mean as _mean
 from mapex_analysis.report.cells import td as _td
 from mapex_analysis.report.compute import compute_figure, floor_table
@@ -43,7 +48,7 @@ from mapex_analysis.report.routing import (
 )
 from mapex_analysis.study.results import read_results
 
-__all__ = ["latest_study_dir", "modality_findings", "render_report"]
+__all__ = ["latest_study_dir", "modality_findings", "render_report", "short_answers"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +58,7 @@ table{border-collapse:collapse;margin:8px 0 20px;font-size:13px}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f2f2f2} td.l,th.l{text-align:left}
 .fig{min-height:380px;margin-bottom:16px} .note{color:#555;font-size:13px}
+.ci{color:#777;font-size:11px}
 pre{background:#f7f7f7;padding:8px;font-size:12px;overflow:auto;max-height:300px}
 """
 
@@ -62,6 +68,11 @@ window.onerror = function(msg, src, line){ window.__errors.push(String(msg) + ' 
   var el = document.getElementById('js-errors'); if (el) { el.textContent = window.__errors.join('\\n'); } };
 window.addEventListener('unhandledrejection', function(e){ window.onerror(String(e.reason), '', 0); });
 """
+
+
+def _metric_td(df: pd.DataFrame, q: dict[str, Any]) -> str:
+    """A metric cell: mean of the selected rows with its 95 % interval."""
+    return _td(_mean(df, **q), q, ci=_interval(df, **q))
 
 
 def _primary_task(df: pd.DataFrame) -> str:
@@ -87,12 +98,12 @@ def _seed_table(df: pd.DataFrame, summary: pd.DataFrame, task: str) -> str:
                 else "base"  # fmt: skip
             q = dict(model=model, variant=variant, modalities=m, task=task, protocol=protocol,
                      metric=metric)  # fmt: skip
-            cells.append(_td(_mean(probes, **q), q))
+            cells.append(_metric_td(probes, q))
         full = g[g["variant"] == "base"]
         all_mods = widest(full["modalities"])
         q = dict(model=model, variant="base", modalities=all_mods, task=task, protocol=protocol,
                  metric=metric)  # fmt: skip
-        cells.append(_td(_mean(probes, **q), q))
+        cells.append(_metric_td(probes, q))
         pq = dict(model=model, variant="base", modalities=all_mods, protocol="cost",
                   metric="params_total")  # fmt: skip
         cells.append(_td(_mean(df, **pq), pq, "parameters"))
@@ -123,7 +134,7 @@ def _router_table(df: pd.DataFrame, summary: pd.DataFrame, task: str) -> str:
                 model = gr["model"].iloc[0] if len(gr) else ""
                 q = dict(model=model, variant=variant, modalities=m, task=task,
                          protocol=protocol, metric=metric)  # fmt: skip
-                cells.append(_td(_mean(df, **q), q))
+                cells.append(_metric_td(df, q))
             rows.append(f"<tr><td class='l'>{m}</td>{''.join(cells)}</tr>")
         head = "".join(f"<th>{r}</th>" for r in routers)
         out.append(f"<h4>{protocol} ({metric}, %)</h4><table><tr><th class='l'>pruned to</th>"
@@ -131,9 +142,34 @@ def _router_table(df: pd.DataFrame, summary: pd.DataFrame, task: str) -> str:
     return "".join(out)
 
 
+def _ret_text(row: pd.Series) -> str:
+    """``0.971 (95 % CI 0.932-1.010, t over 3 seeds)``."""
+    if math.isfinite(row["ret_low"]) and math.isfinite(row["ret_high"]):
+        return (f"{row['retention']:.3f} (95 % CI {row['ret_low']:.3f}-{row['ret_high']:.3f}, "
+                f"{row['interval']})")  # fmt: skip
+    return f"{row['retention']:.3f} (no interval)"
+
+
+def _verdict(row: pd.Series, target: float) -> str:
+    """Whether a retention clears ``target`` given its interval."""
+    if math.isfinite(row["ret_low"]) and row["ret_low"] >= target:
+        return f"clearly above {target:.0%}"
+    if math.isfinite(row["ret_high"]) and row["ret_high"] < target:
+        return f"clearly below {target:.0%}"
+    return f"indistinguishable from {target:.0%}"
+
+
+def _reaching(g: pd.DataFrame, target: float) -> pd.DataFrame:
+    """Variants whose mean retention reaches ``target``, cheapest first."""
+    ok = g[g["retention"] >= target]
+    return ok.sort_values(["macs", "retention"], ascending=[True, False])
+
+
 def modality_findings(summary: pd.DataFrame, target: float) -> list[str]:
     """One sentence per (task, protocol, model, single modality): which operator reaches
-    ``target`` retention at the lowest MACs, computed from the table.
+    ``target`` retention at the lowest MACs, with the retention's 95 % interval, whether it
+    clears the target, and how the cheapest variant of each other operator that reaches it
+    compares ("indistinguishable" when the two retention intervals overlap).
 
     Args:
         summary: From :func:`~mapex_analysis.report.figures.probe_summary`.
@@ -148,8 +184,7 @@ def modality_findings(summary: pd.DataFrame, target: float) -> list[str]:
     for (task, protocol, model, mod), g in singles.groupby(
         ["task", "protocol", "model", "modalities"], sort=True
     ):
-        ok = g[g["retention"] >= target].sort_values(["macs", "retention"],
-                                                     ascending=[True, False])  # fmt: skip
+        ok = _reaching(g, target)
         base = g[g["variant"] == "base"]
         if ok.empty:
             out.append(f"{task}, {protocol}, {model} on {mod}: no variant reaches "
@@ -160,13 +195,74 @@ def modality_findings(summary: pd.DataFrame, target: float) -> list[str]:
         if len(base) and base["macs"].iloc[0] > 0:
             saving = f" ({best['macs'] / base['macs'].iloc[0]:.1%} of the unmodified model's MACs on {mod})"
         op = best["operator"] if best["operator"] != "none" else "no operator (the full model)"
-        out.append(
+        text = (
             f"{task}, {protocol}, {model} on {mod}: {op} reaches {target:.0%} retention at the "
             f"lowest MACs, variant {best['variant']} with {best['macs']:,.0f} MACs/sample"
-            f"{saving}, retention {best['retention']:.3f}, relative to the full model "
-            f"{best['rel_macs']:.1%} of its MACs."
+            f"{saving}, retention {_ret_text(best)}: {_verdict(best, target)}; relative to the "
+            f"full model {best['rel_macs']:.1%} of its MACs."
         )
+        for other, go_ in ok[ok["operator"] != best["operator"]].groupby("operator", sort=True):
+            if other == "none":
+                continue
+            o = go_.iloc[0]
+            same = intervals_overlap((best["ret_low"], best["ret_high"]),
+                                     (o["ret_low"], o["ret_high"]))  # fmt: skip
+            text += (
+                f" Cheapest {other} variant reaching it: {o['variant']}, {o['macs']:,.0f} "
+                f"MACs/sample, retention {o['retention']:.3f}; "
+                + ("indistinguishable from" if same else "distinguishable from")
+                + f" {best['variant']}."
+            )
+        out.append(text)
     return out
+
+
+def short_answers(df: pd.DataFrame, summary: pd.DataFrame, target: float) -> str:
+    """The report's first table: per task and single modality, the cheapest variant of any
+    model and operator whose retention reaches ``target`` (headline protocol: linear when
+    present), with its metric and retention intervals and whether it clears the target.
+
+    Args:
+        df: The results table (the metric cell's rows).
+        summary: From :func:`~mapex_analysis.report.figures.probe_summary`.
+        target: Retention threshold.
+
+    Returns:
+        An HTML table (or a note when no probe ran).
+    """
+    s_df = df
+    s = summary.dropna(subset=["macs"])
+    s = s[~s["modalities"].str.contains(r"\+")]
+    if s.empty:
+        return "<p class='note'>No probe results.</p>"
+    rows = []
+    for (task, mod), g in s.groupby(["task", "modalities"], sort=False):
+        protocol = "linear" if (g["protocol"] == "linear").any() else str(g["protocol"].iloc[0])
+        g = g[g["protocol"] == protocol]
+        ok = _reaching(g, target)
+        if ok.empty:
+            rows.append(f"<tr><td class='l'>{task}</td><td class='l'>{mod}</td><td class='l'>"
+                        f"{protocol}</td><td class='l' colspan='6'>no variant reaches "
+                        f"{target:.0%}</td></tr>")  # fmt: skip
+            continue
+        b = ok.iloc[0]
+        q = dict(model=b["model"], variant=b["variant"], modalities=mod, task=task,
+                 protocol=protocol, metric=b["metric"])  # fmt: skip
+        rows.append(
+            f"<tr><td class='l'>{task}</td><td class='l'>{mod}</td><td class='l'>{protocol} "
+            f"{b['metric']}</td><td class='l'>{html.escape(str(b['model']))}</td>"
+            f"<td class='l'>{html.escape(str(b['variant']))}</td>"
+            f"<td>{b['rel_macs']:.1%}</td>{_metric_td(s_df, q)}"
+            f"<td>{_fmt(b['retention'], 'ratio')}<br><span class='ci'>"
+            f"{_fmt(b['ret_low'], 'ratio')}-{_fmt(b['ret_high'], 'ratio')}</span></td>"
+            f"<td class='l'>{_verdict(b, target)}</td></tr>"
+        )
+    return (
+        "<table><tr><th class='l'>task</th><th class='l'>modality</th><th class='l'>protocol"
+        "</th><th class='l'>model</th><th class='l'>cheapest variant reaching the target</th>"
+        "<th>MACs / full model</th><th>metric %</th><th>retention</th><th class='l'>vs target"
+        "</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
 def _figure_div(fig: go.Figure, idx: int) -> str:
@@ -247,16 +343,15 @@ def render_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
         p0 = next((p for p in protocols if (t, p) in has), None)
         if p0 is not None:
             figs.append((f"Pareto front: {t}, {p0}", pareto_figure(summary, t, p0)))
+    details: list[tuple[str, go.Figure]] = []
     if (df["metric"] == "latency_median").any():
-        figs.append(("Latency vs MACs", latency_figure(df)))
-    figs += [(f"Specialisation: {m}", f) for m, f in specialization_figures(df)]
+        details.append(("Latency vs MACs", latency_figure(df)))
+    details += [(f"Specialisation: {m}", f) for m, f in specialization_figures(df)]
     if (df["protocol"] == "features").any():
-        figs.append(("Redundancy", redundancy_figure(df)))
+        details.append(("Redundancy", redundancy_figure(df)))
     if (df["protocol"] == "attribution").any():
-        figs.append(("Attribution", attribution_figure(df)))
+        details.append(("Attribution", attribution_figure(df)))
     compute = compute_figure(df)
-    if compute is not None:
-        figs.append(("Relative compute vs width", compute))
 
     findings = modality_findings(summary, target)
     name = html.escape(str(cfg.get("name", folder.name)))
@@ -284,18 +379,30 @@ def render_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
         "also keeps the MLP share, MLP-only slimming the attention share.</p>",
         floor_table(df),
     ]
+    n_fig = 0
+
+    def draw(items: list[tuple[str, go.Figure]]) -> list[str]:
+        nonlocal n_fig
+        out = []
+        for title, fig in items:
+            out += [f"<h3>{html.escape(title)}</h3>", _figure_div(fig, n_fig)]
+            n_fig += 1
+        return out
+
     if summary.empty:  # a cost-only study: no probes, no per-modality tables
-        parts += compute_part + ["<h2>Figures</h2>"]
+        parts += compute_part
+        parts += draw([("Relative compute vs width", compute)] if compute is not None else [])
+        parts += ["<h2>Details</h2>", *draw(details)]
     else:
-        parts += _accuracy_sections(df, summary, task, target, findings) + compute_part
-        parts += ["<h2>Figures</h2>"]
-    for i, (title, fig) in enumerate(figs):
-        parts.append(f"<h3>{html.escape(title)}</h3>")
-        parts.append(_figure_div(fig, i))
-    if empty:
-        parts.append("<h3>Figures not drawn</h3><ul class='note'>")
-        parts += [f"<li>{html.escape(s)}</li>" for s in empty]
-        parts.append("</ul>")
+        parts += _accuracy_sections(df, summary, task, target, findings)
+        parts += ["<h2>Retention and Pareto fronts</h2>", _CURVE_NOTE, *draw(figs)]
+        if empty:
+            parts.append("<h3>Figures not drawn</h3><ul class='note'>")
+            parts += [f"<li>{html.escape(s)}</li>" for s in empty]
+            parts.append("</ul>")
+        parts += ["<h2>Details</h2>", *_routing_sections(df, summary, task), *compute_part]
+        parts += draw([("Relative compute vs width", compute)] if compute is not None else [])
+        parts += draw(details)
     parts += [
         "<h2>Run metadata</h2><h3>Environment</h3>",
         f"<pre>{html.escape(json.dumps(env, indent=2, sort_keys=True))}</pre>",
@@ -305,27 +412,54 @@ def render_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
     ]
     path = Path(out) if out is not None else folder / "report.html"
     atomic_write_text(path, "\n".join(parts))
-    logger.info("report with %d figures -> %s", len(figs), path)
+    logger.info("report with %d figures -> %s", n_fig, path)
     return path
+
+
+_CURVE_NOTE = (
+    "<p class='note'>Slimming curves: variants with the same kept dimensions per head and "
+    "MLP units (identical MACs) are one point; points are binned by relative MACs (10 % bins "
+    "above 10 %, decades below, the log axis shows the smallest widths) and show the mean over "
+    "the modality sets and seeds in the bin with a +- 2 SD band (the slimmability paper's "
+    "curves); pruning points show their 95 % interval. Pick the model in the menu.</p>"
+)
 
 
 def _accuracy_sections(
     df: pd.DataFrame, summary: pd.DataFrame, task: str, target: float, findings: list[str]
 ) -> list[str]:
-    """The sections of a study with probes: findings, seed-style and routing tables."""
-    return [
-        f"<h2>Which operator reaches {target:.0%} retention at the lowest MACs</h2>",
-        f"<details><summary>{len(findings)} findings, one per (task, protocol, model, "
-        "single modality), computed from the table</summary><ul>",
+    """The answer, the findings and the per-modality tables of a study with probes."""
+    how = sorted(set(summary["interval"].dropna()))
+    tasks = list(dict.fromkeys(summary["task"]))
+    out = [
+        f"<h2>Short answer: the cheapest variant that keeps {target:.0%} of the accuracy</h2>",
+        "<p class='note'>Per task and modality, over every model and operator of the study. "
+        "Grey: 95 % intervals (" + html.escape("; ".join(how)) + "). 'Indistinguishable' "
+        "means the retention interval contains the target.</p>",
+        short_answers(df, summary, target),
+        f"<details><summary>All {len(findings)} findings, one per (task, protocol, model, "
+        "single modality), with the other operators compared</summary><ul>",
         *[f"<li>{html.escape(s)}</li>" for s in findings],
         "</ul></details>",
-        f"<h2>Per-modality results ({html.escape(task)})</h2>",
-        "<p class='note'>MAPEX rows: pruned to the modality; dense and supervised rows: the "
-        "model fed only that modality.</p>",
-        _seed_table(df, summary, task),
+    ]
+    for t in [task, *[x for x in tasks if x != task]]:
+        out += [
+            f"<h2>Per-modality results: {html.escape(t)}</h2>",
+            "<p class='note'>MAPEX rows: pruned to the modality; dense and supervised rows: "
+            "the model fed only that modality. Grey: 95 % interval.</p>",
+            _seed_table(df, summary, t),
+        ]
+    out += [
         f"<h2>Router ablation ({html.escape(task)})</h2>",
         "<p class='note'>Each router's model pruned (static) to the modality; accuracy %.</p>",
         _router_table(df, summary, task),
+    ]
+    return out
+
+
+def _routing_sections(df: pd.DataFrame, summary: pd.DataFrame, task: str) -> list[str]:
+    """What the routers learned: sentences, traffic, per-layer specialisation, coverage."""
+    return [
         "<h3>What each router could and did learn</h3><ul>",
         *[f"<li>{html.escape(s)}</li>" for s in router_learned_sentences(df)],
         "</ul>",
