@@ -77,8 +77,8 @@ def test_sandwich_gradients_reach_shared_weights_once_per_width() -> None:
     tiny = _Tiny()
     net = SlimmableNetwork(tiny, mode="mlp")
     x = torch.tensor([[1.0, 2.0]])
-    res = sandwich_step(net, x, [1.0, 0.5, 0.25], task_loss=lambda y: y.sum(),
-                        distill_loss=lambda y, t: y.sum())  # fmt: skip
+    res = sandwich_step(lambda s: net(x, width=s), [1.0, 0.5, 0.25],
+                        task_loss=lambda y: y.sum(), distill_loss=lambda y, t: y.sum())  # fmt: skip
     w1, w2 = tiny.mlp.fc1.weight.detach(), tiny.mlp.fc2.weight.detach()
     # d(sum y)/d W1[j] = (sum_i W2[i, j]) x for every hidden unit j a width keeps:
     # unit 0 is kept by widths 1, 0.5 and 0.25 (3 gradients), unit 1 by 1 and 0.5 (2), units
@@ -104,6 +104,101 @@ def test_sandwich_widths_and_errors() -> None:
     assert sandwich_widths([0.5], 3, rng) == [1.0, 0.5]
     net = SlimmableNetwork(_Tiny(), mode="mlp")
     with pytest.raises(ValueError, match="starts with the full width 1.0"):
-        sandwich_step(net, torch.zeros(1, 2), [0.5], lambda y: y.sum(), lambda y, t: y.sum())
+        sandwich_step(lambda s: net(torch.zeros(1, 2), width=s), [0.5], lambda y: y.sum(),
+                      lambda y, t: y.sum())  # fmt: skip
     with pytest.raises(ValueError, match=r"width must be in \(0, 1\]"):
         net(torch.zeros(1, 2), width=1.5)
+
+
+def test_summed_sandwich_gives_the_same_gradient_as_one_backward_per_width() -> None:
+    grads = []
+    for backward in (True, False):
+        torch.manual_seed(0)
+        tiny = _Tiny()
+        net = SlimmableNetwork(tiny, mode="mlp")
+        x = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+        res = sandwich_step(lambda s, net=net, x=x: net(x, width=s), [1.0, 0.75, 0.25],
+                            task_loss=lambda y: (y**2).mean(),
+                            distill_loss=lambda y, t: ((y - t) ** 2).mean(), backward=backward)  # fmt: skip
+        if not backward:
+            assert res.total is not None
+            res.total.backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in tiny.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-7)
+    assert float(grads[0].abs().sum()) > 0
+
+
+def _pretrain_config(tmp_path, **over: object):
+    from mapex_analysis.train.pretrain import parse_pretrain_config
+
+    cfg = {"name": "t", "model": "vit_mae_test", "batch_size": 8, "max_steps": 3,
+           "warmup_steps": 1, "accelerator": "cpu", "devices": 1,
+           "data": {"n": 16, "img_size": 16, "cache_dir": str(tmp_path / "cache")},
+           "output_dir": str(tmp_path / "out"), "run_dir": str(tmp_path / "runs")}  # fmt: skip
+    cfg.update(over)
+    return parse_pretrain_config(cfg)
+
+
+@pytest.mark.parametrize("objective", ["mae", "contrastive"])
+@pytest.mark.parametrize("model", ["vit_mae_test", "mapex_test"])
+def test_slimmable_pretraining_trains_every_width_and_saves_a_plain_encoder(
+    tmp_path, objective: str, model: str
+) -> None:
+    from mapex_analysis.checkpoint import load_model
+    from mapex_analysis.train.pretrain import PretrainModule, pretrain
+
+    cfg = _pretrain_config(tmp_path, model=model, objective=objective,
+                           slimmable={"widths": [0.5, 0.25], "n_random": 1})  # fmt: skip
+    res = pretrain(cfg, progress_bar=False)
+    assert res.steps == 3 and np.isfinite(res.final_loss)
+    card = (res.checkpoint_dir / "README.md").read_text()
+    assert "Slimmable training (sandwich rule): widths [0.5, 0.25]" in card
+    plain = load_model(res.checkpoint_dir)
+    assert type(plain).__name__ == type(res.encoder).__name__  # an ordinary encoder
+    # one step of the module: the losses of widths 1, 0.5 and 0.25 are each computed
+    module = PretrainModule(create_model(model), cfg)
+    batch = modality_batch(list(module.encoder.modalities), 16, B=4)
+    logged: dict[str, float] = {}
+    module.log = lambda k, v, **kw: logged.__setitem__(k, float(v))  # type: ignore[method-assign]
+    total = module.training_step(batch, 0)
+    total.backward()
+    assert "train/distill_smallest" in logged and logged["train/total"] > logged["train/loss"]
+    grads = [p.grad for p in module.encoder.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_mae_widths_see_the_same_mask(tmp_path) -> None:
+    from mapex_analysis.train.pretrain import PretrainModule
+
+    cfg = _pretrain_config(tmp_path, slimmable={"widths": [0.25], "n_random": 0})
+    module = PretrainModule(create_model("vit_mae_test"), cfg)
+    batch = modality_batch(list(module.encoder.modalities), 16, B=2)
+    masks = []
+    orig = module.net.forward
+
+    def spy(*a, **k):
+        out = orig(*a, **k)
+        masks.append(out.mask)
+        return out
+
+    module.net.forward = spy  # type: ignore[method-assign]
+    module.log = lambda *a, **k: None  # type: ignore[method-assign]
+    module.training_step(batch, 0)
+    assert len(masks) == 2 and torch.equal(masks[0], masks[1])
+
+
+def test_contrastive_views_and_loss() -> None:
+    from mapex_analysis.models.contrastive import modality_views, nt_xent
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a, b = modality_views(["rgb", "nir", "sar", "ele"], rng)
+        assert a and b and not set(a) & set(b) and set(a) | set(b) == {"rgb", "nir", "sar", "ele"}
+    with pytest.raises(ValueError, match="need >= 2 modalities"):
+        modality_views(["rgb"], rng)
+    z = torch.eye(8)
+    # matched views: each row's logit 1/t against 0 for the others
+    t = 0.5
+    expect = -np.log(np.exp(1 / t) / (np.exp(1 / t) + 7))
+    assert float(nt_xent(z, z, t)) == pytest.approx(expect, rel=1e-5)
+    assert float(nt_xent(z, z.roll(1, 0), t)) > float(nt_xent(z, z, t))

@@ -24,7 +24,7 @@ The objective, split into small steps as in MAE's ``models_mae.py``:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, cast, get_args
 
 import torch
@@ -78,6 +78,10 @@ class MAEOutput:
         per_modality: Masked-patch MSE of each present modality (detached).
         routing: The encoder's routing information.
         mask: ``(B, N)`` 1 where a token was masked.
+        predictions: Per present modality the decoder's ``(B, L, C * p * p)`` patch
+            predictions (what slimmable training distils from the full width).
+        prediction_masks: Per present modality ``(B, L)``, 1 where the token was masked (the
+            tokens its loss scores).
     """
 
     loss: torch.Tensor
@@ -87,6 +91,8 @@ class MAEOutput:
     per_modality: dict[str, torch.Tensor]
     routing: RoutingInfo
     mask: torch.Tensor
+    predictions: dict[str, torch.Tensor] = field(default_factory=dict)
+    prediction_masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class MaskedAutoencoder(nn.Module):
@@ -235,14 +241,18 @@ class MaskedAutoencoder(nn.Module):
         mask = torch.ones(B, N, device=seq.device)
         mask.scatter_(1, keep, 0.0)
         per_mod: dict[str, torch.Tensor] = {}
+        preds: dict[str, torch.Tensor] = {}
+        pred_masks: dict[str, torch.Tensor] = {}
         losses = []
         for mi, m in enumerate(tok.modalities):
             sel = tok.modality_index[0] == mi  # same layout in every row
             if not bool(sel.any()):
                 continue
             pred = self.heads[m](seq[:, sel])  # (B, L, C p p)
+            preds[m] = pred
             err = (pred - self.targets(x, m)).pow(2).mean(-1)  # (B, L)
             w = mask[:, sel]
+            pred_masks[m] = w
             loss_m = (err * w).sum() / w.sum().clamp(min=1.0)
             per_mod[m] = loss_m.detach()
             losses.append(loss_m)
@@ -257,4 +267,6 @@ class MaskedAutoencoder(nn.Module):
             per_modality=per_mod,
             routing=routing,
             mask=mask,
+            predictions=preds,
+            prediction_masks=pred_masks,
         )

@@ -24,6 +24,7 @@ back-propagated once, so the shared weights accumulate one gradient per width.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -62,14 +63,18 @@ class SlimmableNetwork(nn.Module):
         model: The full-width model (kept as ``self.model``; its ``state_dict`` is an ordinary
             checkpoint of the non-slimmable architecture).
         mode: Which modules are slimmed (``attn+mlp``, ``attn``, ``mlp``), as ``slim_width``.
+        part: Dotted name of the submodule that is slimmed (``"encoder"`` of a pretraining
+            objective, whose decoder or projection head stays at full width); ``""``: all.
 
     ``net(x, width=s)`` runs the sub-network at ``s`` (``s = 1``: ``model(x)`` itself).
     """
 
-    def __init__(self, model: nn.Module, mode: SlimMode = "attn+mlp") -> None:
+    def __init__(self, model: nn.Module, mode: SlimMode = "attn+mlp", part: str = "") -> None:
         super().__init__()
         self.model = model
         self.mode = mode
+        self.part = part
+        model.get_submodule(part)  # fails early, naming the missing submodule
         self._subs: dict[float, _Sub] = {}
 
     def _build(self, s: float) -> _Sub:
@@ -85,7 +90,9 @@ class SlimmableNetwork(nn.Module):
                 t = tagged_tensors[n]
                 t.copy_(torch.arange(int(offsets[i]), int(offsets[i + 1]), dtype=torch.float64)
                         .view_as(t))  # fmt: skip
-        skeleton = slim_width(tagged, s, mode=self.mode, order="first", inplace=True)
+        slim_width(tagged.get_submodule(self.part), s, mode=self.mode, order="first",
+                   inplace=True)  # fmt: skip
+        skeleton = tagged
         index: dict[str, tuple[str, Tensor, torch.Size]] = {}
         for n, t in _tensors(skeleton).items():
             flat = t.detach().reshape(-1).to(torch.int64)
@@ -145,29 +152,36 @@ def sandwich_widths(grid: Sequence[float], n_random: int, rng: np.random.Generat
 
 @dataclass
 class SandwichResult:
-    """Losses of one sandwich step: ``losses[s]`` per width (the full width's task loss, the
-    others' distillation losses), and ``widths`` in the order they were run."""
+    """One sandwich step: ``losses[s]`` per width (the full width's task loss, the others'
+    distillation losses), ``widths`` in the order they ran, and ``total`` (their sum, still
+    attached to the graph) when the step did not back-propagate itself."""
 
     losses: dict[float, float]
     widths: list[float]
+    total: Tensor | None = None
 
 
 def sandwich_step(
-    net: SlimmableNetwork,
-    inputs: Any,
+    forward: Callable[[float], Any],
     widths: Sequence[float],
     task_loss: Callable[[Any], Tensor],
     distill_loss: Callable[[Any, Any], Tensor],
+    *,
+    backward: bool = True,
 ) -> SandwichResult:
-    """Forward and backward every width of one step (the caller zeroes gradients before and
-    steps the optimiser after).
+    """The losses of every width of one step (the caller zeroes gradients before and steps
+    the optimiser after).
 
     Args:
-        net: The slimmable model.
-        inputs: The batch, passed as ``net(inputs, width=s)``.
+        forward: ``forward(s)`` runs the model at width ``s`` on the step's batch (e.g.
+            ``lambda s: net(x, width=s)``; replay random state inside it when the objective
+            draws masks or views, so every width sees the same ones).
         widths: From :func:`sandwich_widths` (first 1.0).
         task_loss: Loss of the full width's output (e.g. the MAE reconstruction loss).
         distill_loss: ``distill_loss(sub_output, full_output_detached)``.
+        backward: Back-propagate each width's loss right after its forward (one graph alive
+            at a time); ``False`` returns their sum as ``total`` instead (one backward, e.g.
+            under Lightning's automatic optimisation; the same gradient).
 
     Returns:
         The per-width losses.
@@ -177,21 +191,29 @@ def sandwich_step(
     """
     if not widths or widths[0] != 1.0:
         raise ValueError(f"the sandwich starts with the full width 1.0, got {list(widths)}")
-    out = net(inputs, width=1.0)
+    out = forward(1.0)
     loss = task_loss(out)
-    loss.backward()
+    total = loss
+    if backward:
+        loss.backward()
     losses = {1.0: float(loss.detach())}
     target = _detach(out)
     for s in widths[1:]:
-        sub = distill_loss(net(inputs, width=s), target)
-        sub.backward()
+        sub = distill_loss(forward(s), target)
+        if backward:
+            sub.backward()
+        else:
+            total = total + sub
         losses[float(s)] = float(sub.detach())
-    return SandwichResult(losses, list(widths))
+    return SandwichResult(losses, list(widths), None if backward else total)
 
 
 def _detach(out: Any) -> Any:
     if isinstance(out, Tensor):
         return out.detach()
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return dataclasses.replace(out, **{f.name: _detach(getattr(out, f.name))
+                                           for f in dataclasses.fields(out) if f.init})  # fmt: skip
     if isinstance(out, dict):
         return {k: _detach(v) for k, v in out.items()}
     if isinstance(out, tuple | list):

@@ -229,7 +229,7 @@ def evaluate_pretraining(
 class KnnMonitor(L.Callback):
     """Land-cover k-NN accuracy of the encoder's frozen features during pretraining.
 
-    Scores the encoder being trained (``pl_module.mae.encoder``) at the start of training and
+    Scores the encoder being trained (``pl_module.encoder``) at the start of training and
     after every ``every`` optimiser steps with a :class:`LandcoverKnnProbe` (by default the
     probe of :func:`evaluate_pretraining`). Only the global-zero process scores; results are
     logged as ``knn/accuracy`` and kept in :attr:`history`.
@@ -258,7 +258,7 @@ class KnnMonitor(L.Callback):
         if self.history and self.history[-1][0] == step:
             return
         module: Any = pl_module
-        acc = self.probe.score(module.mae.encoder)
+        acc = self.probe.score(module.encoder)
         self.history.append((step, acc))
         logger.info("step %d: land-cover k-NN (k=%d) accuracy %.4f", step, self.probe.k, acc)
         if trainer.logger is not None:

@@ -1,8 +1,13 @@
-"""Masked-autoencoding pretraining with Lightning, from CPU to multi-node DDP unchanged.
+"""Pretraining with Lightning (masked autoencoding or contrastive, optionally slimmable), from
+CPU to multi-node DDP unchanged.
 
 One YAML config (validated by :class:`PretrainConfig`) names a registered encoder, the SynthEO
-pretraining scenes and the optimisation; :func:`pretrain` builds the
-:class:`PretrainDataModule` and :class:`MAEPretrainModule`, runs a ``lightning.Trainer``
+pretraining scenes, the objective (``objective: mae`` or ``contrastive``; see
+:mod:`mapex_analysis.models.mae` and :mod:`mapex_analysis.models.contrastive`), optional
+slimmable training (``slimmable:``: the sandwich rule over a width grid, sub-networks built by
+the width-slimming operator, :mod:`mapex_analysis.ops.slimmable`) and the optimisation;
+:func:`pretrain` builds the :class:`PretrainDataModule` and :class:`PretrainModule`, runs a
+``lightning.Trainer``
 (``devices`` / ``num_nodes`` / ``accelerator`` from the config or the caller; DDP whenever more
 than one process), and on global rank 0 writes the encoder as a checkpoint directory
 (:func:`mapex_analysis.checkpoint.save_model`) whose model card records the exact
@@ -20,13 +25,15 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mapex_analysis.checkpoint import save_model
@@ -35,17 +42,22 @@ from mapex_analysis.data import SynthEO
 from mapex_analysis.data.materialize import load_split
 from mapex_analysis.data.tasks import get_task
 from mapex_analysis.factory import create_model
+from mapex_analysis.models.contrastive import ContrastiveObjective, modality_views
 from mapex_analysis.models.mae import MaskedAutoencoder, MaskMode
 from mapex_analysis.models.registry import UnknownModelError, get_entry
 from mapex_analysis.models.token_model import TokenEncoder
+from mapex_analysis.ops.slim import SlimMode
+from mapex_analysis.ops.slimmable import SlimmableNetwork, sandwich_step, sandwich_widths
 
 __all__ = [
-    "MAEPretrainModule",
+    "ContrastiveConfig",
     "PretrainConfig",
     "PretrainDataModule",
     "PretrainResult",
     "PretrainConfigError",
     "PretrainDataConfig",
+    "PretrainModule",
+    "SlimmableConfig",
     "load_config",
     "parse_pretrain_config",
     "pretrain",
@@ -97,6 +109,43 @@ class PretrainDataConfig(Strict):
         return self
 
 
+class SlimmableConfig(Strict):
+    """Slimmable training (the sandwich rule; :mod:`mapex_analysis.ops.slimmable`).
+
+    Attributes:
+        widths: The width grid trained for (values in (0, 1); the smallest is trained every
+            step, ``n_random`` of the others are drawn per step; 1.0 always).
+        n_random: Random widths per step (the slimmability paper: 3).
+        mode: Which modules are slimmed, as ``slim_width`` (``attn+mlp`` by default).
+        distill_weight: Weight of each smaller width's distillation loss.
+    """
+
+    widths: list[float] = Field(default_factory=lambda: [0.75, 0.5, 0.25, 0.1], min_length=1)
+    n_random: int = Field(default=2, ge=0)
+    mode: SlimMode = "attn+mlp"
+    distill_weight: float = Field(default=1.0, gt=0.0)
+
+    @field_validator("widths")
+    @classmethod
+    def _in_range(cls, v: list[float]) -> list[float]:
+        bad = [w for w in v if not 0.0 < w < 1.0]
+        if bad:
+            raise ValueError(f"widths must be in (0, 1) (1.0 is always trained), got {bad}")
+        return v
+
+
+class ContrastiveConfig(Strict):
+    """The contrastive objective (:mod:`mapex_analysis.models.contrastive`).
+
+    Attributes:
+        proj_dim: Projection-head width.
+        temperature: NT-Xent temperature.
+    """
+
+    proj_dim: int = Field(default=64, ge=2)
+    temperature: float = Field(default=0.2, gt=0.0)
+
+
 class PretrainConfig(Strict):
     """A pretraining run (the YAML file under ``studies/pretrain/``).
 
@@ -104,6 +153,10 @@ class PretrainConfig(Strict):
         name: Run name (the checkpoint's title).
         model: Registry name of the encoder.
         model_kwargs: Constructor overrides, saved in the checkpoint spec.
+        objective: ``mae`` (masked autoencoding) or ``contrastive`` (NT-Xent between two
+            modality subsets of each scene).
+        contrastive: Settings of the contrastive objective.
+        slimmable: Slimmable training settings; ``None`` (default): ordinary training.
         data: The scenes.
         mask_ratio: Share of tokens masked.
         mask_mode: ``tokens`` (independently) or ``positions`` (a patch position in every
@@ -133,6 +186,9 @@ class PretrainConfig(Strict):
     name: str
     model: str
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    objective: Literal["mae", "contrastive"] = "mae"
+    contrastive: ContrastiveConfig = ContrastiveConfig()
+    slimmable: SlimmableConfig | None = None
     data: PretrainDataConfig = PretrainDataConfig()
     mask_ratio: float = Field(default=0.75, ge=0.0, lt=1.0)
     mask_mode: MaskMode = "tokens"
@@ -278,42 +334,126 @@ class PretrainDataModule(L.LightningDataModule):
         )
 
 
-class MAEPretrainModule(L.LightningModule):
-    """Lightning wrapper of :class:`MaskedAutoencoder` with AdamW and warm-up + cosine.
+class _ReplayRandom:
+    """Captures the random state once and restores it before each width's pass, so every
+    width of a sandwich step draws the same MAE mask."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.random.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def __call__(self) -> None:
+        torch.random.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+class PretrainModule(L.LightningModule):
+    """Lightning wrapper of a pretraining objective (:class:`MaskedAutoencoder` or
+    :class:`ContrastiveObjective`) with AdamW and warm-up + cosine, optionally slimmable.
+
+    With ``config.slimmable`` every step runs the sandwich rule
+    (:func:`~mapex_analysis.ops.slimmable.sandwich_step`): the full width with the objective's
+    loss, the grid's smallest width and ``n_random`` drawn widths with a distillation loss
+    toward the full width's detached output (MAE: the masked-patch predictions, under the
+    same mask; contrastive: the normalised projections of both views). Only the encoder is
+    slimmed; the decoder or projection head stays full.
 
     Args:
         encoder: The token encoder being pretrained.
-        config: The run config (decoder, loss and optimiser settings).
+        config: The run config (objective, decoder, loss and optimiser settings).
     """
 
     def __init__(self, encoder: TokenEncoder, config: PretrainConfig) -> None:
         super().__init__()
         self.config = config
-        self.mae = MaskedAutoencoder(
-            encoder,
-            decoder_dim=config.decoder_dim,
-            decoder_depth=config.decoder_depth,
-            decoder_heads=config.decoder_heads,
-            mask_ratio=config.mask_ratio,
-            mask_mode=config.mask_mode,
-            norm_pix_loss=config.norm_pix_loss,
-            aux_weight=config.aux_weight,
-            mi_weight=config.mi_weight,
-        )
+        objective: nn.Module
+        if config.objective == "mae":
+            objective = MaskedAutoencoder(
+                encoder,
+                decoder_dim=config.decoder_dim,
+                decoder_depth=config.decoder_depth,
+                decoder_heads=config.decoder_heads,
+                mask_ratio=config.mask_ratio,
+                mask_mode=config.mask_mode,
+                norm_pix_loss=config.norm_pix_loss,
+                aux_weight=config.aux_weight,
+                mi_weight=config.mi_weight,
+            )
+        else:
+            objective = ContrastiveObjective(encoder, proj_dim=config.contrastive.proj_dim,
+                                             temperature=config.contrastive.temperature)  # fmt: skip
+        slim = config.slimmable
+        self.net = SlimmableNetwork(objective, mode=slim.mode if slim else "attn+mlp",
+                                    part="encoder")  # fmt: skip
+        self.widths_rng = np.random.default_rng(config.seed)
         self.recent_losses: list[float] = []
 
+    @property
+    def objective(self) -> nn.Module:
+        """The objective module (full width)."""
+        return self.net.model
+
+    @property
+    def encoder(self) -> TokenEncoder:
+        """The encoder being pretrained (what is saved)."""
+        return cast(TokenEncoder, self.net.model.encoder)
+
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> Any:
+        if self.config.objective == "mae":
+            return batch
+        a, b = modality_views(list(batch), self.widths_rng)
+        return ({m: batch[m] for m in a}, {m: batch[m] for m in b})
+
+    def _distill(self, sub: Any, full: Any) -> torch.Tensor:
+        w = self.config.slimmable.distill_weight if self.config.slimmable else 1.0
+        if self.config.objective == "mae":
+            terms = []
+            for m, target in full.predictions.items():  # masked-patch MSE to the full width
+                mask = full.prediction_masks[m]
+                err = (sub.predictions[m] - target).pow(2).mean(-1)
+                terms.append((err * mask).sum() / mask.sum().clamp(min=1.0))
+            return w * torch.stack(terms).mean()
+        # squared distance of the normalised projections (2 - 2 cos), both views
+        pairs = ((sub.z_a, full.z_a), (sub.z_b, full.z_b))
+        dist = [(F.normalize(s, dim=-1) - F.normalize(t, dim=-1)).pow(2).sum(-1).mean()
+                for s, t in pairs]  # fmt: skip
+        return w * 0.5 * (dist[0] + dist[1])
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """One masked-autoencoding step; logs loss, reconstruction and aux losses."""
-        out = self.mae(batch)
+        """One step (a sandwich of widths when slimmable); logs the losses."""
+        cfg = self.config
+        inputs = self._inputs(batch)
+        widths = [1.0]
+        if cfg.slimmable is not None:
+            widths = sandwich_widths(cfg.slimmable.widths, cfg.slimmable.n_random,
+                                     self.widths_rng)  # fmt: skip
+        replay = _ReplayRandom()
+        outputs: dict[float, Any] = {}
+
+        def forward(s: float) -> Any:
+            replay()
+            outputs[s] = self.net(inputs, width=s)
+            return outputs[s]
+
+        res = sandwich_step(forward, widths, task_loss=lambda out: out.loss,
+                            distill_loss=self._distill, backward=False)  # fmt: skip
+        out = outputs[1.0]
         self.log("train/loss", out.loss, prog_bar=True)
-        self.log("train/recon", out.recon_loss)
-        self.log("train/aux", out.aux_loss)
-        self.log("train/mi", out.mi_loss)
-        for m, v in out.per_modality.items():
-            self.log(f"train/recon_{m}", v)
-        self.recent_losses.append(float(out.recon_loss.detach()))
+        if cfg.objective == "mae":
+            self.log("train/recon", out.recon_loss)
+            self.log("train/aux", out.aux_loss)
+            self.log("train/mi", out.mi_loss)
+            for m, v in out.per_modality.items():
+                self.log(f"train/recon_{m}", v)
+        if len(widths) > 1:
+            self.log("train/distill_smallest", res.losses[widths[-1]])
+            self.log("train/total", res.total.detach() if res.total is not None else 0.0)
+        recorded = out.recon_loss if cfg.objective == "mae" else out.loss
+        self.recent_losses.append(float(recorded.detach()))
         del self.recent_losses[:-50]
-        return out.loss
+        assert res.total is not None
+        return res.total
 
     def configure_optimizers(self) -> Any:
         """AdamW (no decay on biases, norms and embeddings) with warm-up + cosine schedule."""
@@ -420,7 +560,7 @@ def pretrain(
             f"model {cfg.model!r} is a {type(encoder).__name__}, not a token encoder "
             "(MAPEX or GroupChannelViT); masked pretraining needs tokenize/encode"
         )
-    module = MAEPretrainModule(encoder, cfg)
+    module = PretrainModule(encoder, cfg)
     datamodule = PretrainDataModule(
         cfg.data, encoder.modalities, cfg.batch_size, num_workers=cfg.num_workers
     )
@@ -450,10 +590,23 @@ def pretrain(
         card = {
             "title": cfg.name,
             "description": (
-                f"`{cfg.model}` encoder pretrained by masked autoencoding (mask ratio "
-                f"{cfg.mask_ratio}, masked by {cfg.mask_mode}, per-modality reconstruction of "
-                "normalised patches) on "
+                (
+                    f"`{cfg.model}` encoder pretrained by masked autoencoding (mask ratio "
+                    f"{cfg.mask_ratio}, masked by {cfg.mask_mode}, per-modality reconstruction "
+                    "of normalised patches) on "
+                    if cfg.objective == "mae"
+                    else f"`{cfg.model}` encoder pretrained contrastively (NT-Xent, temperature "
+                    f"{cfg.contrastive.temperature}, projection {cfg.contrastive.proj_dim}, "
+                    "views = two disjoint modality subsets of each scene) on "
+                )
                 + ("MMEarth tiles." if cfg.data.source == "mmearth" else "SynthEO scenes.")
+                + (
+                    f" Slimmable training (sandwich rule): widths {cfg.slimmable.widths} "
+                    f"(smallest every step, {cfg.slimmable.n_random} random), mode "
+                    f"{cfg.slimmable.mode}, distillation weight {cfg.slimmable.distill_weight}."
+                    if cfg.slimmable is not None
+                    else ""
+                )
             ),
             "data": (
                 f"MMEarth at {cfg.data.root}, {len(datamodule.train_set or [])} tiles "
@@ -482,8 +635,12 @@ def pretrain(
                     "NoneType", "none"
                 )
             ),
-            "final_loss": f"{final:.4f} (mean masked-patch MSE over the last "
-            f"{len(losses)} steps, normalised units)",
+            "final_loss": (
+                f"{final:.4f} (mean masked-patch MSE over the last {len(losses)} steps, "
+                "normalised units, full width)"
+                if cfg.objective == "mae"
+                else f"{final:.4f} (mean NT-Xent over the last {len(losses)} steps, full width)"
+            ),
             "wall_time": f"{seconds:.0f} s ({cfg.accelerator}, {trainer.world_size} process(es))",
             "torch": torch.__version__,
         }
