@@ -7,6 +7,7 @@ import re
 from html import unescape
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -105,7 +106,8 @@ def test_html_numbers_equal_table(tmp_path: Path, table: pd.DataFrame) -> None:
             sel = sel[sel[k] == v]
         assert float(value) == pytest.approx(getattr(sel["value"], agg)(), rel=0, abs=0)
     assert ">60.0<" in page  # m pruned to sar: 0.60 shown in %
-    assert page.count('data-figure="1"') == 2  # retention + Pareto (no latency etc. rows)
+    # retention + Pareto + slimming by model (m and d are both slimmed); no latency etc. rows
+    assert page.count('data-figure="1"') == 3
 
 
 def test_report_without_results_fails(tmp_path: Path) -> None:
@@ -219,3 +221,31 @@ def test_duplicate_widths_collapse_and_bins() -> None:
     assert len(c) == 2 and c.set_index("width").loc[0.04, "widths"] == "0.04,0.03,0.02"
     b = binned_retention(c)
     assert b["n"].tolist() == [1, 1] and "several widths" in b["label"].iloc[0]
+
+
+def test_slimming_comparison_of_two_pretrainings(tmp_path: Path) -> None:
+    from mapex_analysis.report.figures import slim_curves
+    from mapex_analysis.report.html import slim_table
+
+    # two twins, 3 seeds: "a" keeps 0.80 of 0.90 at s = 0.5; "b" keeps 0.88 of 0.90
+    acc = {("a", 1.0): 0.90, ("a", 0.5): 0.80, ("b", 1.0): 0.90, ("b", 0.5): 0.88}
+    rows = []
+    for (model, w), v in acc.items():
+        variant = "base" if w == 1.0 else f"slim[{w},attn+mlp,first]"
+        c = dict(study="s", model=model, role="dense", variant=variant,
+                 operator="none" if w == 1.0 else "slim", width=w, modalities="rgb+sar")  # fmt: skip
+        rows.append(c | dict(protocol="cost", metric="macs", value=100.0 * w, unit="MACs"))
+        for seed, jitter in enumerate((-0.01, 0.0, 0.01)):
+            rows.append(c | dict(task="landcover", seed=seed, protocol="knn", metric="accuracy",
+                                 value=v + jitter * w, unit="fraction"))  # fmt: skip
+    write_cell(tmp_path, "s", rows)
+    s = probe_summary(read_results(tmp_path))
+    c = slim_curves(s, "landcover", "knn").set_index(["model", "width"])
+    assert c.loc[("a", 0.5), "retention"] == pytest.approx(
+        np.mean([0.795 / 0.89, 0.8 / 0.9, 0.805 / 0.91])
+    )
+    assert c.loc[("b", 1.0), "retention"] == 1.0
+    table = slim_table(s, "landcover", "knn")
+    assert "<th>s = 0.5</th>" in table and table.count("<b>*</b>") == 2  # legend + b at 0.5
+    page = render_report(tmp_path).read_text()
+    assert "Slimming retention by model: landcover, knn" in page

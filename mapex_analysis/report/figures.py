@@ -33,6 +33,8 @@ __all__ = [
     "probe_summary",
     "redundancy_figure",
     "retention_figure",
+    "slim_comparison_figure",
+    "slim_curves",
     "specialization_figures",
 ]
 
@@ -314,6 +316,58 @@ def retention_figure(summary: pd.DataFrame, task: str, protocol: str) -> go.Figu
     _layout(fig, f"Retention vs relative MACs: {task}, {protocol} probe"
             + (" (menu: model)" if len(models) > 1 else ""),
             "MACs / MACs of the full model (log)", "retention (same inputs)", logx=True)  # fmt: skip
+    return fig
+
+
+def slim_curves(summary: pd.DataFrame, task: str, protocol: str) -> pd.DataFrame:
+    """Per model, the post-hoc slimming curve on all its modalities: retention (with its
+    interval) at every width, for every model slimmed on them.
+
+    Args:
+        summary: From :func:`probe_summary`.
+        task: Task shown.
+        protocol: Probe protocol shown.
+
+    Returns:
+        Rows of ``model``, ``width``, ``retention``, ``ret_low``, ``ret_high``, ``value``,
+        ``ci_low``, ``ci_high``, ``n_seeds``, ``interval``, ``rel_macs``, sorted by model and
+        decreasing width (the full model's row at width 1 included).
+    """
+    s = summary[(summary["task"] == task) & (summary["protocol"] == protocol)
+                & summary["operator"].isin(["none", "slim"])]  # fmt: skip
+    out = []
+    for _, g in s.groupby("model", sort=False):
+        g = g[g["modalities"] == widest(g["modalities"])]
+        if (g["operator"] == "slim").any():
+            out.append(g.sort_values("width", ascending=False))
+    cols = ["model", "width", "retention", "ret_low", "ret_high", "value", "ci_low", "ci_high",
+            "n_seeds", "interval", "rel_macs"]  # fmt: skip
+    return pd.concat(out)[cols] if out else pd.DataFrame(columns=cols)
+
+
+def slim_comparison_figure(summary: pd.DataFrame, task: str, protocol: str) -> go.Figure:
+    """Post-hoc slimming retention vs width, one trace per model (all its modalities), with
+    95 % intervals: how different pretrainings of one architecture survive slimming.
+
+    Args:
+        summary: From :func:`probe_summary`.
+        task: Task shown.
+        protocol: Probe protocol shown.
+
+    Returns:
+        The figure.
+    """
+    c = slim_curves(summary, task, protocol)
+    fig = go.Figure()
+    for model, g in c.groupby("model", sort=False):
+        fig.add_trace(go.Scatter(
+            x=g["width"], y=g["retention"], name=str(model), mode="lines+markers",
+            error_y=dict(type="data", array=(g["ret_high"] - g["retention"]).fillna(0),
+                         arrayminus=(g["retention"] - g["ret_low"]).fillna(0)),
+            hovertemplate="s = %{x}<br>retention %{y:.3f}<extra>" + str(model) + "</extra>",
+        ))  # fmt: skip
+    _layout(fig, f"Slimming retention by model: {task}, {protocol} probe (all modalities)",
+            "width s (log)", "retention", logx=True)  # fmt: skip
     return fig
 
 

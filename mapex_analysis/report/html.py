@@ -37,6 +37,8 @@ from mapex_analysis.report.figures import (
     probe_summary,
     redundancy_figure,
     retention_figure,
+    slim_comparison_figure,
+    slim_curves,
     specialization_figures,
     widest,
 )
@@ -48,7 +50,7 @@ from mapex_analysis.report.routing import (
 )
 from mapex_analysis.study.results import read_results
 
-__all__ = ["latest_study_dir", "modality_findings", "render_report", "short_answers"]
+__all__ = ["latest_study_dir", "modality_findings", "render_report", "short_answers", "slim_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +219,53 @@ def modality_findings(summary: pd.DataFrame, target: float) -> list[str]:
     return out
 
 
+def slim_table(summary: pd.DataFrame, task: str, protocol: str) -> str:
+    """Retention of every slimmed model at each width (columns), with intervals and, per
+    cell, whether it is distinguishable from the first model's retention at that width.
+
+    Args:
+        summary: From :func:`~mapex_analysis.report.figures.probe_summary`.
+        task: Task shown.
+        protocol: Probe protocol shown.
+
+    Returns:
+        An HTML table.
+    """
+    c = slim_curves(summary, task, protocol)
+    widths = sorted({w for w in c["width"] if w < 1.0}, reverse=True)
+    shown = [w for w in widths if w in (0.5, 0.25, 0.1, 0.05, 0.03, 0.01, 0.001)] or widths
+    models = list(dict.fromkeys(c["model"]))
+    first = c[c["model"] == models[0]].set_index("width")
+    rows = []
+    for model in models:
+        g = c[c["model"] == model].set_index("width")
+        cells = []
+        for w in shown:
+            if w not in g.index:
+                cells.append("<td>-</td>")
+                continue
+            r = g.loc[w]
+            mark = ""
+            if model != models[0] and w in first.index:
+                f = first.loc[w]
+                same = intervals_overlap(
+                    (r["ret_low"], r["ret_high"]), (f["ret_low"], f["ret_high"])
+                )
+                mark = "" if same else " <b>*</b>"
+            cells.append(f"<td>{_fmt(r['retention'], 'ratio')}{mark}<br><span class='ci'>"
+                         f"{_fmt(r['ret_low'], 'ratio')}-{_fmt(r['ret_high'], 'ratio')}</span></td>")  # fmt: skip
+        full = g.loc[1.0] if 1.0 in g.index else None
+        acc = "" if full is None else f"{100 * full['value']:.1f}"
+        rows.append(f"<tr><td class='l'>{html.escape(str(model))}</td><td>{acc}</td>"
+                    + "".join(cells) + "</tr>")  # fmt: skip
+    head = "".join(f"<th>s = {w:g}</th>" for w in shown)
+    how = html.escape("; ".join(sorted(set(c["interval"].dropna()))))
+    return (f"<h3>{html.escape(task)}, {html.escape(protocol)} (retention; <b>*</b>: "
+            f"distinguishable from {html.escape(str(models[0]))}; intervals: {how})</h3>"
+            f"<table><tr><th class='l'>model</th><th>metric % at s = 1</th>{head}</tr>"
+            + "".join(rows) + "</table>")  # fmt: skip
+
+
 def short_answers(df: pd.DataFrame, summary: pd.DataFrame, target: float) -> str:
     """The report's first table: per task and single modality, the cheapest variant of any
     model and operator whose retention reaches ``target`` (headline protocol: linear when
@@ -343,6 +392,13 @@ def render_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
         p0 = next((p for p in protocols if (t, p) in has), None)
         if p0 is not None:
             figs.append((f"Pareto front: {t}, {p0}", pareto_figure(summary, t, p0)))
+    slim_parts: list[str] = []
+    for t in tasks:
+        for p in protocols:
+            if (t, p) in has and slim_curves(summary, t, p)["model"].nunique() >= 2:
+                figs.append((f"Slimming retention by model: {t}, {p}",
+                             slim_comparison_figure(summary, t, p)))  # fmt: skip
+                slim_parts.append(slim_table(summary, t, p))
     details: list[tuple[str, go.Figure]] = []
     if (df["metric"] == "latency_median").any():
         details.append(("Latency vs MACs", latency_figure(df)))
@@ -395,6 +451,12 @@ def render_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
         parts += ["<h2>Details</h2>", *draw(details)]
     else:
         parts += _accuracy_sections(df, summary, task, target, findings)
+        if slim_parts:
+            parts += ["<h2>Post-hoc slimming, model by model</h2>",
+                      "<p class='note'>Retention of each model slimmed on all its modalities "
+                      "(same architecture, different pretraining): mean over seeds, 95 % "
+                      "interval in grey; 'indistinguishable' rows overlap the first model's "
+                      "interval at that width.</p>", *slim_parts]  # fmt: skip
         parts += ["<h2>Retention and Pareto fronts</h2>", _CURVE_NOTE, *draw(figs)]
         if empty:
             parts.append("<h3>Figures not drawn</h3><ul class='note'>")
