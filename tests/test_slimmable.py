@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import timm
@@ -14,6 +16,7 @@ from mapex_analysis.factory import create_model
 from mapex_analysis.ops.slim import slim_width
 from mapex_analysis.ops.slimmable import SlimmableNetwork, sandwich_step, sandwich_widths
 
+REPO = Path(__file__).resolve().parents[1]
 WIDTHS = (0.5, 0.25, 0.1, 0.03)
 
 
@@ -202,3 +205,23 @@ def test_contrastive_views_and_loss() -> None:
     expect = -np.log(np.exp(1 / t) / (np.exp(1 / t) + 7))
     assert float(nt_xent(z, z, t)) == pytest.approx(expect, rel=1e-5)
     assert float(nt_xent(z, z.roll(1, 0), t)) > float(nt_xent(z, z, t))
+
+
+@pytest.mark.parametrize("name", ["vit_mae_tiny_slimmable", "vit_contrastive_tiny_slimmable"])
+def test_committed_slimmable_checkpoints(name: str) -> None:
+    from mapex_analysis.checkpoint import load_model
+    from mapex_analysis.train.pretrain import load_config
+
+    cfg = load_config(REPO / "studies" / "pretrain" / f"{name}.yaml")
+    assert cfg.slimmable is not None and cfg.max_steps == 1000
+    trained = load_model(REPO / "models" / name).eval()
+    # s = 1: the weights in the plain architecture give the same forward, bit for bit
+    plain = create_model(cfg.model, **cfg.model_kwargs).eval()
+    plain.load_state_dict(trained.state_dict(), strict=True)
+    x = modality_batch(list(plain.modalities), 32, B=4, seed=3)
+    net = SlimmableNetwork(trained)
+    with torch.no_grad():
+        assert torch.equal(net(x, width=1.0), plain(x))
+        # every trained width: the sub-network is slim_width of the same weights
+        for s in cfg.slimmable.widths:
+            assert torch.allclose(net(x, width=s), slim_width(trained, s)(x), atol=1e-6, rtol=0)
