@@ -246,3 +246,28 @@ def test_finetune_protocol_runs_in_a_study(tmp_path: Path) -> None:
     assert set(ft["metric"]) == {"accuracy"} and set(ft["unit"]) == {"fraction"}
     assert ((ft["value"] * 16).round(6) % 1 == 0).all()  # a share of the 16 test scenes
     assert ft["value"].between(0.0, 1.0).all()
+
+
+def test_supervised_model_is_trained_from_scratch_and_validated(tmp_path: Path, smoke_yaml) -> None:
+    from mapex_analysis.study.schema import StudyError
+
+    sup = {"source": "vit_mae_test", "role": "supervised", "protocols": ["finetune"],
+           "operators": []}  # fmt: skip
+    models = {"dense": {"source": "vit_mae_test", "role": "dense", "operators": []},
+              "scratch": sup}  # fmt: skip
+    study = load_study(smoke_yaml(models=models, tasks=["landcover"], measurements=["params"],
+                                  finetune={"epochs": 1}))  # fmt: skip
+    run_study(study)
+    df = read_results(study.study_dir)
+    probes = df[df["protocol"].isin(["knn", "linear", "finetune"])]
+    by_model = probes.groupby("model")["protocol"].agg(lambda p: sorted(set(p)))
+    assert by_model["scratch"] == ["finetune"] and by_model["dense"] == ["knn", "linear"]
+    ft = probes[probes["model"] == "scratch"]
+    # trained once per input the study feeds (all modalities, sar, rgb+sar), with intervals
+    assert sorted(ft["modalities"]) == sorted(set(df.loc[df["model"] == "dense", "modalities"]))
+    assert len(ft) == 3 and ft["ci_low"].notna().all()
+    assert ((ft["ci_low"] <= ft["value"]) & (ft["value"] <= ft["ci_high"])).all()
+    for bad, msg in (({**sup, "protocols": None}, "set protocols: \\[finetune\\]"),
+                     ({**sup, "source": "models/vit_mae_tiny"}, "trained from scratch")):  # fmt: skip
+        with pytest.raises(StudyError, match=msg):
+            load_study(smoke_yaml(models={"scratch": bad}))

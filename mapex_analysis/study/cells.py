@@ -69,7 +69,7 @@ def _probe_rows(m: EvalInputs) -> list[dict[str, Any]]:
     study, cell, spec, feats = m.study, m.cell, m.task, m.features
     assert spec is not None and feats is not None
     rows: list[dict[str, Any]] = []
-    for protocol in study.protocols:
+    for protocol in study.models[cell.model].protocols or study.protocols:
         if protocol == "finetune":
             ft = study.finetune
             res = finetune(m.model, m.train, m.test, modalities=cell.modalities, epochs=ft.epochs,

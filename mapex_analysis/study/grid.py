@@ -139,7 +139,8 @@ class Cell:
             # which widths and operators a model gets decides which cells exist, not the rows
             # of this one (its variant key holds its own width), so adding widths reruns nothing
             "model_cfg": cfg.model_dump(
-                mode="json", exclude={"slim_widths", "slim_set_widths", "operators"}
+                mode="json",
+                exclude={"slim_widths", "slim_set_widths", "operators", "protocols"},
             ),
             "weights": model_fingerprint(cfg),
             "variant": self.variant.key,
@@ -154,7 +155,7 @@ class Cell:
         if self.kind == "eval":
             payload |= {
                 "data": study.data.model_dump(mode="json"),
-                "protocols": list(study.protocols),
+                "protocols": list(cfg.protocols or study.protocols),
                 "knn_k": study.knn_k,
                 "finetune": study.finetune.model_dump(mode="json"),
                 "measure": sorted(selected(study.measurements, "eval")),
@@ -286,7 +287,7 @@ def plan_grid(
         for variant, mods in _variants(study, cfg, fed_by[label], partial[label]):
             if want_cost:
                 cost.append(Cell("cost", label, variant, mods))
-            if not study.protocols:
+            if not (cfg.protocols or study.protocols):
                 continue  # cost only
             for task in study.tasks:
                 for seed in study.seeds:

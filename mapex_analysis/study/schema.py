@@ -107,7 +107,9 @@ class ModelConfig(Strict):
     Attributes:
         source: A registry name (``mapex_tiny``) or a checkpoint directory (``models/x``).
         role: ``mapex`` (MoE, prunable), ``dense`` (the dense baseline) or ``supervised``
-            (trained from scratch on the task; reported in the seed-style tables).
+            (trained from scratch on the task: a registry architecture, randomly initialised
+            with ``init_seed``, evaluated only by ``protocols: [finetune]``, i.e. trained end
+            to end on each task's training split; reported in the seed-style tables).
         router: For router-ablation models: the router kind (passed to registry names as
             the ``router`` keyword; for checkpoints only a label).
         kwargs: Extra keyword arguments for registry entry points (``depth=2``...).
@@ -124,6 +126,8 @@ class ModelConfig(Strict):
             modalities (e.g. the dense baseline fed SAR only, so a single-modality task
             compares pruning with slimming on the same inputs); ``None``: none beyond what
             ``operators.slim.modality_sets`` adds.
+        protocols: This model's evaluation protocols (overrides the study's ``protocols``;
+            ``[finetune]`` for a ``supervised`` model).
     """
 
     source: str
@@ -135,6 +139,7 @@ class ModelConfig(Strict):
     operators: list[Operator] = Field(default=["prune", "slim"])
     slim_widths: Literal["paper"] | list[float] | None = None
     slim_set_widths: list[float] | None = None
+    protocols: list[Protocol] | None = None
 
     @field_validator("slim_widths", "slim_set_widths")
     @classmethod
@@ -168,6 +173,18 @@ class ModelConfig(Strict):
             raise ValueError(
                 f"weights: {self.source} is a checkpoint directory and carries its own weights"
             )
+        if self.role == "supervised":
+            if self.is_checkpoint or self.weights is not None:
+                raise ValueError(
+                    f"role supervised is trained from scratch: give a registry architecture, "
+                    f"not the pretrained {self.weights or self.source}"
+                )
+            if self.protocols != ["finetune"]:
+                raise ValueError(
+                    "role supervised is trained on the task from random init: set "
+                    f"protocols: [finetune] (got {self.protocols}); frozen probes of a random "
+                    "network are not a supervised baseline"
+                )
         return self
 
     @property
