@@ -23,6 +23,7 @@ the same scenes, so their errors are positively correlated and the interval is c
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -51,8 +52,12 @@ N_BOOT = 1000
 N_BOOT_SLOW = 200
 
 
+@functools.lru_cache(maxsize=8)
 def resample_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
     """How often each of ``n`` items is drawn in each of ``n_boot`` bootstrap resamples.
+
+    Cached (read-only): every metric of one probe, and every probe of a cell, resamples the
+    same test scenes the same way, so their intervals are paired.
 
     Args:
         n: Number of items (test scenes).
@@ -63,7 +68,9 @@ def resample_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
         ``(n_boot, n)`` float64 counts; every row sums to ``n``.
     """
     rng = np.random.default_rng(seed)
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+    out = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+    out.flags.writeable = False
+    return out
 
 
 def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
