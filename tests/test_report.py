@@ -107,7 +107,7 @@ def test_html_numbers_equal_table(tmp_path: Path, table: pd.DataFrame) -> None:
         assert float(value) == pytest.approx(getattr(sel["value"], agg)(), rel=0, abs=0)
     assert ">60.0<" in page  # m pruned to sar: 0.60 shown in %
     # retention + Pareto + slimming by model (m and d are both slimmed); no latency etc. rows
-    assert page.count('data-figure="1"') == 3
+    assert page.count('data-figure="1"') == 4  # + slimmed accuracy by model
 
 
 def test_report_without_results_fails(tmp_path: Path) -> None:

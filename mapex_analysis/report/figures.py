@@ -345,29 +345,36 @@ def slim_curves(summary: pd.DataFrame, task: str, protocol: str) -> pd.DataFrame
     return pd.concat(out)[cols] if out else pd.DataFrame(columns=cols)
 
 
-def slim_comparison_figure(summary: pd.DataFrame, task: str, protocol: str) -> go.Figure:
-    """Post-hoc slimming retention vs width, one trace per model (all its modalities), with
-    95 % intervals: how different pretrainings of one architecture survive slimming.
+def slim_comparison_figure(
+    summary: pd.DataFrame, task: str, protocol: str, y: str = "retention"
+) -> go.Figure:
+    """Post-hoc slimming vs width, one trace per model (all its modalities), with 95 %
+    intervals: how different pretrainings of one architecture survive slimming.
 
     Args:
         summary: From :func:`probe_summary`.
         task: Task shown.
         protocol: Probe protocol shown.
+        y: ``retention`` or ``value`` (the metric itself: whether a width of one model beats
+            the same width of another, which retention alone does not say).
 
     Returns:
         The figure.
     """
     c = slim_curves(summary, task, protocol)
+    lo, hi = ("ret_low", "ret_high") if y == "retention" else ("ci_low", "ci_high")
     fig = go.Figure()
     for model, g in c.groupby("model", sort=False):
         fig.add_trace(go.Scatter(
-            x=g["width"], y=g["retention"], name=str(model), mode="lines+markers",
-            error_y=dict(type="data", array=(g["ret_high"] - g["retention"]).fillna(0),
-                         arrayminus=(g["retention"] - g["ret_low"]).fillna(0)),
-            hovertemplate="s = %{x}<br>retention %{y:.3f}<extra>" + str(model) + "</extra>",
+            x=g["width"], y=g[y], name=str(model), mode="lines+markers",
+            error_y=dict(type="data", array=(g[hi] - g[y]).fillna(0),
+                         arrayminus=(g[y] - g[lo]).fillna(0)),
+            hovertemplate="s = %{x}<br>" + y + " %{y:.3f}<extra>" + str(model) + "</extra>",
         ))  # fmt: skip
-    _layout(fig, f"Slimming retention by model: {task}, {protocol} probe (all modalities)",
-            "width s (log)", "retention", logx=True)  # fmt: skip
+    metric = str(summary.loc[summary["task"] == task, "metric"].iloc[0]) if len(c) else "metric"
+    what = "retention" if y == "retention" else metric
+    _layout(fig, f"Slimming {what} by model: {task}, {protocol} probe (all modalities)",
+            "width s (log)", what, logx=True)  # fmt: skip
     return fig
 
 

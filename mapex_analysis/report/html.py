@@ -220,8 +220,9 @@ def modality_findings(summary: pd.DataFrame, target: float) -> list[str]:
 
 
 def slim_table(summary: pd.DataFrame, task: str, protocol: str) -> str:
-    """Retention of every slimmed model at each width (columns), with intervals and, per
-    cell, whether it is distinguishable from the first model's retention at that width.
+    """Metric and retention of every slimmed model at each width (columns), with intervals
+    and, per cell, whether the retention is distinguishable from the first model's at that
+    width.
 
     Args:
         summary: From :func:`~mapex_analysis.report.figures.probe_summary`.
@@ -252,16 +253,19 @@ def slim_table(summary: pd.DataFrame, task: str, protocol: str) -> str:
                     (r["ret_low"], r["ret_high"]), (f["ret_low"], f["ret_high"])
                 )
                 mark = "" if same else " <b>*</b>"
-            cells.append(f"<td>{_fmt(r['retention'], 'ratio')}{mark}<br><span class='ci'>"
-                         f"{_fmt(r['ret_low'], 'ratio')}-{_fmt(r['ret_high'], 'ratio')}</span></td>")  # fmt: skip
+            cells.append(f"<td>{_fmt(r['value'])} <span class='ci'>({_fmt(r['ci_low'])}-"
+                         f"{_fmt(r['ci_high'])})</span><br>R {_fmt(r['retention'], 'ratio')}"
+                         f"{mark} <span class='ci'>({_fmt(r['ret_low'], 'ratio')}-"
+                         f"{_fmt(r['ret_high'], 'ratio')})</span></td>")  # fmt: skip
         full = g.loc[1.0] if 1.0 in g.index else None
         acc = "" if full is None else f"{100 * full['value']:.1f}"
         rows.append(f"<tr><td class='l'>{html.escape(str(model))}</td><td>{acc}</td>"
                     + "".join(cells) + "</tr>")  # fmt: skip
     head = "".join(f"<th>s = {w:g}</th>" for w in shown)
     how = html.escape("; ".join(sorted(set(c["interval"].dropna()))))
-    return (f"<h3>{html.escape(task)}, {html.escape(protocol)} (retention; <b>*</b>: "
-            f"distinguishable from {html.escape(str(models[0]))}; intervals: {how})</h3>"
+    return (f"<h3>{html.escape(task)}, {html.escape(protocol)}: metric % and retention R "
+            f"at each width (<b>*</b>: R distinguishable from {html.escape(str(models[0]))}'s; "
+            f"intervals: {how})</h3>"
             f"<table><tr><th class='l'>model</th><th>metric % at s = 1</th>{head}</tr>"
             + "".join(rows) + "</table>")  # fmt: skip
 
@@ -398,6 +402,8 @@ def render_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
             if (t, p) in has and slim_curves(summary, t, p)["model"].nunique() >= 2:
                 figs.append((f"Slimming retention by model: {t}, {p}",
                              slim_comparison_figure(summary, t, p)))  # fmt: skip
+                figs.append((f"Slimmed accuracy by model: {t}, {p}",
+                             slim_comparison_figure(summary, t, p, y="value")))  # fmt: skip
                 slim_parts.append(slim_table(summary, t, p))
     details: list[tuple[str, go.Figure]] = []
     if (df["metric"] == "latency_median").any():
