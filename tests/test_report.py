@@ -246,6 +246,11 @@ def test_slimming_comparison_of_two_pretrainings(tmp_path: Path) -> None:
     )
     assert c.loc[("b", 1.0), "retention"] == 1.0
     table = slim_table(s, "landcover", "knn")
-    assert "<th>s = 0.5</th>" in table and table.count("<b>*</b>") == 2  # legend + b at 0.5
+    # legend + b's metric and retention at 0.5 (a's 0.795-0.805 vs b's 0.87-0.89)
+    assert "<th>s = 0.5</th>" in table and table.count("<b>*</b>") == 3
+    assert table.count("<b>*</b>") == slim_table(s, "landcover", "knn", {"b": "a"}).count(
+        "<b>*</b>"
+    )
+    assert "<td class='l'>a</td>" in slim_table(s, "landcover", "knn", {"b": "a"})
     page = render_report(tmp_path).read_text()
     assert "Slimming retention by model: landcover, knn" in page

@@ -167,6 +167,13 @@ def _reaching(g: pd.DataFrame, target: float) -> pd.DataFrame:
     return ok.sort_values(["macs", "retention"], ascending=[True, False])
 
 
+def _answer_inputs(s: pd.DataFrame) -> pd.DataFrame:
+    """The rows the answers are about: single-modality inputs, or, in a study that feeds
+    every model only all its modalities, those."""
+    singles = s[~s["modalities"].str.contains(r"\+")]
+    return singles if len(singles) else s
+
+
 def modality_findings(summary: pd.DataFrame, target: float) -> list[str]:
     """One sentence per (task, protocol, model, single modality): which operator reaches
     ``target`` retention at the lowest MACs, with the retention's 95 % interval, whether it
@@ -182,7 +189,7 @@ def modality_findings(summary: pd.DataFrame, target: float) -> list[str]:
     """
     out = []
     s = summary.dropna(subset=["macs"])
-    singles = s[~s["modalities"].str.contains(r"\+")]
+    singles = _answer_inputs(s)
     for (task, protocol, model, mod), g in singles.groupby(
         ["task", "protocol", "model", "modalities"], sort=True
     ):
@@ -219,54 +226,65 @@ def modality_findings(summary: pd.DataFrame, target: float) -> list[str]:
     return out
 
 
-def slim_table(summary: pd.DataFrame, task: str, protocol: str) -> str:
-    """Metric and retention of every slimmed model at each width (columns), with intervals
-    and, per cell, whether the retention is distinguishable from the first model's at that
-    width.
+def slim_table(
+    summary: pd.DataFrame, task: str, protocol: str, pairs: dict[str, str] | None = None
+) -> str:
+    """Metric and retention of every slimmed model at each width (columns), with intervals.
 
     Args:
         summary: From :func:`~mapex_analysis.report.figures.probe_summary`.
         task: Task shown.
         protocol: Probe protocol shown.
+        pairs: Model -> the model it is compared with (``compare_with`` in the study); a
+            value is marked <b>*</b> when its interval does not overlap the partner's at that
+            width. Without pairs every model is compared with the first.
 
     Returns:
         An HTML table.
     """
     c = slim_curves(summary, task, protocol)
-    widths = sorted({w for w in c["width"] if w < 1.0}, reverse=True)
-    shown = [w for w in widths if w in (0.5, 0.25, 0.1, 0.05, 0.03, 0.01, 0.001)] or widths
+    widths = sorted(set(c["width"]), reverse=True)
+    keep = (1.0, 0.5, 0.25, 0.1, 0.05, 0.03, 0.01, 0.001)
+    shown = [w for w in widths if w in keep] or widths
     models = list(dict.fromkeys(c["model"]))
-    first = c[c["model"] == models[0]].set_index("width")
+    partner = {m: p for m, p in (pairs or {}).items() if m in models and p in models}
+    if not partner:
+        partner = {m: models[0] for m in models[1:]}
+    by = {m: c[c["model"] == m].set_index("width") for m in models}
+
+    def mark(r: pd.Series, other: pd.DataFrame, w: float, lo: str, hi: str) -> str:
+        if w not in other.index:
+            return ""
+        a = (float(r[lo]), float(r[hi]))
+        o = other.loc[w, [lo, hi]].to_numpy(dtype=float)
+        b = (float(o[0]), float(o[1]))
+        return "" if intervals_overlap(a, b) else " <b>*</b>"
+
     rows = []
     for model in models:
-        g = c[c["model"] == model].set_index("width")
+        g, other = by[model], by.get(partner.get(model, ""), pd.DataFrame())
         cells = []
         for w in shown:
             if w not in g.index:
                 cells.append("<td>-</td>")
                 continue
             r = g.loc[w]
-            mark = ""
-            if model != models[0] and w in first.index:
-                f = first.loc[w]
-                same = intervals_overlap(
-                    (r["ret_low"], r["ret_high"]), (f["ret_low"], f["ret_high"])
-                )
-                mark = "" if same else " <b>*</b>"
-            cells.append(f"<td>{_fmt(r['value'])} <span class='ci'>({_fmt(r['ci_low'])}-"
-                         f"{_fmt(r['ci_high'])})</span><br>R {_fmt(r['retention'], 'ratio')}"
-                         f"{mark} <span class='ci'>({_fmt(r['ret_low'], 'ratio')}-"
-                         f"{_fmt(r['ret_high'], 'ratio')})</span></td>")  # fmt: skip
-        full = g.loc[1.0] if 1.0 in g.index else None
-        acc = "" if full is None else f"{100 * full['value']:.1f}"
-        rows.append(f"<tr><td class='l'>{html.escape(str(model))}</td><td>{acc}</td>"
+            m_v = mark(r, other, w, "ci_low", "ci_high") if len(other) else ""
+            m_r = mark(r, other, w, "ret_low", "ret_high") if len(other) and w < 1 else ""
+            ret = "" if w == 1.0 else (
+                f"<br>R {_fmt(r['retention'], 'ratio')}{m_r} <span class='ci'>("
+                f"{_fmt(r['ret_low'], 'ratio')}-{_fmt(r['ret_high'], 'ratio')})</span>")  # fmt: skip
+            cells.append(f"<td>{_fmt(r['value'])}{m_v} <span class='ci'>({_fmt(r['ci_low'])}-"
+                         f"{_fmt(r['ci_high'])})</span>{ret}</td>")  # fmt: skip
+        vs = html.escape(partner.get(model, ""))
+        rows.append(f"<tr><td class='l'>{html.escape(str(model))}</td><td class='l'>{vs}</td>"
                     + "".join(cells) + "</tr>")  # fmt: skip
     head = "".join(f"<th>s = {w:g}</th>" for w in shown)
     how = html.escape("; ".join(sorted(set(c["interval"].dropna()))))
-    return (f"<h3>{html.escape(task)}, {html.escape(protocol)}: metric % and retention R "
-            f"at each width (<b>*</b>: R distinguishable from {html.escape(str(models[0]))}'s; "
+    return (f"<h3>{html.escape(task)}, {html.escape(protocol)}: metric % and retention R at "
+            f"each width (<b>*</b>: its interval does not overlap the compared model's; "
             f"intervals: {how})</h3>"
-            f"<table><tr><th class='l'>model</th><th>metric % at s = 1</th>{head}</tr>"
+            f"<table><tr><th class='l'>model</th><th class='l'>compared with</th>{head}</tr>"
             + "".join(rows) + "</table>")  # fmt: skip
 
 
@@ -285,7 +303,7 @@ def short_answers(df: pd.DataFrame, summary: pd.DataFrame, target: float) -> str
     """
     s_df = df
     s = summary.dropna(subset=["macs"])
-    s = s[~s["modalities"].str.contains(r"\+")]
+    s = _answer_inputs(s)
     if s.empty:
         return "<p class='note'>No probe results.</p>"
     rows = []
@@ -397,6 +415,8 @@ def render_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
         if p0 is not None:
             figs.append((f"Pareto front: {t}, {p0}", pareto_figure(summary, t, p0)))
     slim_parts: list[str] = []
+    pairs = {str(k): str(v["compare_with"]) for k, v in (cfg.get("models") or {}).items()
+             if isinstance(v, dict) and v.get("compare_with")}  # fmt: skip
     for t in tasks:
         for p in protocols:
             if (t, p) in has and slim_curves(summary, t, p)["model"].nunique() >= 2:
@@ -404,7 +424,7 @@ def render_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
                              slim_comparison_figure(summary, t, p)))  # fmt: skip
                 figs.append((f"Slimmed accuracy by model: {t}, {p}",
                              slim_comparison_figure(summary, t, p, y="value")))  # fmt: skip
-                slim_parts.append(slim_table(summary, t, p))
+                slim_parts.append(slim_table(summary, t, p, pairs))
     details: list[tuple[str, go.Figure]] = []
     if (df["metric"] == "latency_median").any():
         details.append(("Latency vs MACs", latency_figure(df)))
@@ -459,10 +479,13 @@ def render_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
         parts += _accuracy_sections(df, summary, task, target, findings)
         if slim_parts:
             parts += ["<h2>Post-hoc slimming, model by model</h2>",
-                      "<p class='note'>Retention of each model slimmed on all its modalities "
-                      "(same architecture, different pretraining): mean over seeds, 95 % "
-                      "interval in grey; 'indistinguishable' rows overlap the first model's "
-                      "interval at that width.</p>", *slim_parts]  # fmt: skip
+                      "<p class='note'>Each model slimmed post hoc on all its modalities: the "
+                      "metric at each width and its retention R (metric / metric at s = 1), "
+                      "mean over seeds with the 95 % interval in grey. A model keeps more of a "
+                      "worse full width as easily as of a better one, so read R next to the "
+                      "metric. Pairs come from the study's compare_with (else every model is "
+                      "compared with the first); unmarked values are indistinguishable from "
+                      "the partner's.</p>", *slim_parts]  # fmt: skip
         parts += ["<h2>Retention and Pareto fronts</h2>", _CURVE_NOTE, *draw(figs)]
         if empty:
             parts.append("<h3>Figures not drawn</h3><ul class='note'>")

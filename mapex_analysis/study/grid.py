@@ -140,7 +140,13 @@ class Cell:
             # of this one (its variant key holds its own width), so adding widths reruns nothing
             "model_cfg": cfg.model_dump(
                 mode="json",
-                exclude={"slim_widths", "slim_set_widths", "operators", "protocols"},
+                exclude={
+                    "slim_widths",
+                    "slim_set_widths",
+                    "operators",
+                    "protocols",
+                    "compare_with",
+                },  # fmt: skip
             ),
             "weights": model_fingerprint(cfg),
             "variant": self.variant.key,

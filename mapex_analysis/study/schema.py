@@ -128,6 +128,10 @@ class ModelConfig(Strict):
             ``operators.slim.modality_sets`` adds.
         protocols: This model's evaluation protocols (overrides the study's ``protocols``;
             ``[finetune]`` for a ``supervised`` model).
+        compare_with: Label of another model of the study this one is paired with in the
+            report's slimming comparison (e.g. a slimmable-trained twin with its normally
+            trained one): each width's metric and retention are marked when their intervals
+            do not overlap the partner's.
     """
 
     source: str
@@ -140,6 +144,7 @@ class ModelConfig(Strict):
     slim_widths: Literal["paper"] | list[float] | None = None
     slim_set_widths: list[float] | None = None
     protocols: list[Protocol] | None = None
+    compare_with: str | None = None
 
     @field_validator("slim_widths", "slim_set_widths")
     @classmethod
@@ -628,9 +633,14 @@ class Study(Strict):
     @field_validator("models")
     @classmethod
     def _labels(cls, v: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
-        for label in v:
+        for label, cfg in v.items():
             if not _NAME_RE.match(label):
                 raise ValueError(f"model label {label!r} must be letters, digits, '_', '-', '.'")
+            if cfg.compare_with is not None and cfg.compare_with not in v:
+                raise ValueError(
+                    f"{label}.compare_with: unknown model {cfg.compare_with!r}; models: "
+                    + ", ".join(v)
+                )
         return v
 
     @field_validator("measurements")
