@@ -100,3 +100,12 @@ def test_shipped_studies_validate() -> None:
         StudyError, match=r"models\.m\.source: checkpoint directory 'models/absent'"
     ):
         parse_study(bad)
+
+
+def test_compare_with_names_a_model_of_the_study() -> None:
+    ok = _bad(models__dense__compare_with="mapex")
+    assert parse_study(ok).models["dense"].compare_with == "mapex"
+    with pytest.raises(
+        StudyError, match=r"dense\.compare_with: unknown model 'nope'; models: mapex, dense"
+    ):
+        parse_study(_bad(models__dense__compare_with="nope"))
