@@ -224,7 +224,7 @@ def test_slurm_environment_ddp_ranks_hold_identical_weights(tmp_path: Path) -> N
 
         class Dump(L.Callback):
             def on_train_end(self, trainer, module):
-                sd = {{k: v.detach().clone() for k, v in module.mae.state_dict().items()}}
+                sd = {{k: v.detach().clone() for k, v in module.objective.state_dict().items()}}
                 torch.save(sd, f"{tmp_path}/end_rank{{trainer.global_rank}}.pt")
                 env = type(trainer.strategy.cluster_environment).__name__
                 print("rank", trainer.global_rank, "world", trainer.world_size, "env", env)

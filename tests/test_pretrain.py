@@ -212,7 +212,7 @@ def test_two_process_gloo_ddp_ranks_hold_identical_weights(tmp_path: Path) -> No
 
             class Dump(L.Callback):
                 def _save(self, trainer, module, tag):
-                    sd = {{k: v.detach().clone() for k, v in module.mae.state_dict().items()}}
+                    sd = {{k: v.detach().clone() for k, v in module.objective.state_dict().items()}}
                     torch.save(sd, f"{tmp_path}/{{tag}}_rank{{trainer.global_rank}}.pt")
                 def on_train_start(self, trainer, module):
                     self._save(trainer, module, "start")
