@@ -255,13 +255,16 @@ def test_supervised_model_is_trained_from_scratch_and_validated(tmp_path: Path, 
            "operators": []}  # fmt: skip
     models = {"dense": {"source": "vit_mae_test", "role": "dense", "operators": []},
               "scratch": sup}  # fmt: skip
-    study = load_study(smoke_yaml(models=models, tasks=["landcover"], measurements=["params"],
-                                  finetune={"epochs": 1}))  # fmt: skip
+    study = load_study(smoke_yaml(models=models, tasks=["landcover"],
+                                  measurements=["params", "redundancy"], finetune={"epochs": 1}))  # fmt: skip
     run_study(study)
     df = read_results(study.study_dir)
     probes = df[df["protocol"].isin(["knn", "linear", "finetune"])]
     by_model = probes.groupby("model")["protocol"].agg(lambda p: sorted(set(p)))
     assert by_model["scratch"] == ["finetune"] and by_model["dense"] == ["knn", "linear"]
+    # frozen-feature measures describe pretrained features: none for the supervised model
+    red = df[df["protocol"] == "features"]
+    assert set(red["model"]) == {"dense"}
     ft = probes[probes["model"] == "scratch"]
     # trained once per input the study feeds (all modalities, sar, rgb+sar), with intervals
     assert sorted(ft["modalities"]) == sorted(set(df.loc[df["model"] == "dense", "modalities"]))

@@ -67,7 +67,7 @@ def _probe_rows(m: EvalInputs) -> list[dict[str, Any]]:
     """The probe protocols' rows (``protocol`` = ``knn``, ``linear``, ``finetune``); probe
     results are kept in ``m.probes`` for the measurements that reuse them."""
     study, cell, spec, feats = m.study, m.cell, m.task, m.features
-    assert spec is not None and feats is not None
+    assert spec is not None
     rows: list[dict[str, Any]] = []
     for protocol in study.models[cell.model].protocols or study.protocols:
         if protocol == "finetune":
@@ -78,6 +78,7 @@ def _probe_rows(m: EvalInputs) -> list[dict[str, Any]]:
                                  "value": res.value, "unit": "fraction",
                                  "ci_low": res.interval[0], "ci_high": res.interval[1]})  # fmt: skip
             continue
+        assert feats is not None  # frozen-feature protocols run on extracted features
         if spec.kind == "segmentation" and protocol == "knn":
             logger.info("segmentation has no k-NN probe; skipped for %s", cell.describe())
             continue
@@ -100,6 +101,12 @@ def _eval_rows(ctx: StudyContext, cell: Cell) -> list[dict[str, Any]]:
     model = ctx.model(cell.model, cell.variant)
     train = ctx.dataset(cell.task, cell.seed, "train")
     test = ctx.dataset(cell.task, cell.seed, "test")
+    row = base_row(study, cell) | {"device": ctx.device_name, "precision": study.precision}
+    if study.models[cell.model].protocols == ["finetune"]:
+        # only trained end to end (a supervised model): no frozen features, and no measures
+        # of them, which would describe the untrained initialisation
+        return _probe_rows(EvalInputs(ctx, cell, model, row, train=train, test=test,
+                                      task=train.task))  # fmt: skip
     feats = extract_features(
         model,
         {"train": train, "test": test},
@@ -110,7 +117,6 @@ def _eval_rows(ctx: StudyContext, cell: Cell) -> list[dict[str, Any]]:
         cache_key=feature_cache_key(study.models[cell.model], cell, model),
         precision=study.precision,
     )
-    row = base_row(study, cell) | {"device": ctx.device_name, "precision": study.precision}
     m = EvalInputs(ctx, cell, model, row, train=train, test=test, task=train.task,
                    features=feats)  # fmt: skip
     rows = _probe_rows(m)
