@@ -620,32 +620,34 @@ class GeoBenchSource(ModalitySource):
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         path = self._files[index]
+        bands: dict[str, np.ndarray] = {}
         with h5py.File(path, "r") as fp:
             attrs = _geobench_attrs(fp)
-            order = attrs.get("bands_order", list(fp.keys()))
-            by_band: dict[str, Tensor] = {}
-            for key in order:
+            for key in attrs.get("bands_order", list(fp.keys())):
                 band = geobench_band(str(key))
-                if band is None or band in by_band:
-                    continue
-                raw = np.asarray(fp[key])
-                data = torch.from_numpy(raw.astype(np.float32))
-                if data.dim() == 3:  # (H, W, 1)
-                    data = data[..., 0]
-                floats = np.issubdtype(raw.dtype, np.floating)
-                by_band[band] = data if floats and float(np.nanmax(raw)) <= 2.0 else data / 1e4
-            label = attrs.get("label")
+                if band is not None and band not in bands:
+                    bands[band] = np.asarray(fp[key])
+        return self._convert({"bands": bands, "label": attrs.get("label"), "file": path.name})
+
+    def _convert(self, raw: Mapping[str, Any]) -> dict[str, Tensor]:
+        """One sample file's arrays (``bands``: band -> raw array, ``label``, ``file``) in
+        project units: reflectance from digital numbers unless already fractions."""
+        by_band: dict[str, Tensor] = {}
+        for band, arr in raw["bands"].items():
+            data = torch.from_numpy(arr.astype(np.float32))
+            if data.dim() == 3:  # (H, W, 1)
+                data = data[..., 0]
+            floats = np.issubdtype(arr.dtype, np.floating)
+            by_band[band] = data if floats and float(np.nanmax(arr)) <= 2.0 else data / 1e4
         names = tuple(by_band)
         image = torch.stack([by_band[b] for b in names])
-        out = select_modalities(image, names, self.modalities, where=f"{self.name} {path.name}")
+        out = select_modalities(image, names, self.modalities, where=f"{self.name} {raw['file']}")
+        label = raw["label"]
         if self.kind == "multilabel":
             out["label"] = torch.as_tensor(np.asarray(label), dtype=torch.float32)
         else:
             out["label"] = torch.as_tensor(int(np.asarray(label))).long()
         return out
-
-    def _convert(self, raw: Mapping[str, Any]) -> dict[str, Tensor]:  # pragma: no cover
-        raise NotImplementedError  # __getitem__ reads the files itself
 
 
 def _geobench(name: str, task: str, bands: tuple[str, ...], kind: str, n: int) -> type:
