@@ -96,8 +96,9 @@ def test_html_numbers_equal_table(tmp_path: Path, table: pd.DataFrame) -> None:
     page = path.read_text()
     assert "<script src" not in page and "Plotly.newPlot" in page  # plotly inlined, offline
     cells = re.findall(r'data-value="([^"]+)" data-unit="[^"]+" data-query="([^"]+)"', page)
-    # short answer: 1 (landcover, sar); seed table: 2 models x (sar, all, params) = 6 numbers
-    assert len(cells) == 7
+    # short answer: 1 (landcover, sar); the seed-style table and the every-protocol table:
+    # 2 models x (sar, all, params) = 6 numbers each
+    assert len(cells) == 13
     for value, query in cells:
         q = json.loads(unescape(query))
         agg = q.pop("agg", "mean")  # a cell says how it aggregates its rows (default: mean)

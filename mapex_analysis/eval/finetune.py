@@ -8,7 +8,8 @@ head, for every task kind:
 * ``multilabel``: linear head, binary cross-entropy per label, metric macro ``map``;
 * ``segmentation``: linear head on every patch token (modality-averaged, see
   :func:`mapex_analysis.eval.features.patch_tokens`), logits upsampled bilinearly to the label
-  map, per-pixel cross-entropy, metric ``miou``.
+  map, per-pixel cross-entropy, metric ``miou``; a model with ``forward_dense(x) -> (B, D, H,
+  W)`` (the U-Net baseline) gets the linear head on every pixel of that map instead.
 
 The MoE load-balancing loss is not added during fine-tuning (the encoder is adapted to one
 task; balancing is a pretraining concern). Runs are deterministic for a ``seed`` on CPU.
@@ -62,6 +63,9 @@ class FinetunedModel(nn.Module):
         """Logits ``(B, K)``, or ``(B, K, H, W)`` for segmentation."""
         if self.kind != "segmentation":
             return self.head(self.encoder(x))  # (B, K)
+        if hasattr(self.encoder, "forward_dense"):  # per-pixel features (a U-Net)
+            dense = self.encoder.forward_dense(x)  # (B, D, H, W)
+            return self.head(dense.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, K, H, W)
         tokens = patch_tokens(self.encoder, x)  # (B, P, D)
         b, p, _ = tokens.shape
         g = int(round(p**0.5))

@@ -47,6 +47,7 @@ TIMM_PREFIX = "timm/"
 _BUILTIN_MODULES = (
     "mapex_analysis.models.mapex",
     "mapex_analysis.models.vit",
+    "mapex_analysis.models.unet",
     "mapex_analysis.models.adapters",
 )
 

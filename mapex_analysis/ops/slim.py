@@ -47,6 +47,7 @@ __all__ = [
     "SlimOrder",
     "SlimPlan",
     "kept_width",
+    "slim_signature",
     "slim_width",
     "slimmable_modules",
 ]
@@ -379,6 +380,26 @@ def slimmable_modules(model: nn.Module) -> tuple[list[str], list[str]]:
              if isinstance(m, Attention) or _is_croma(m, "Attention", "CrossAttention")]  # fmt: skip
     mlps = [n for n, m in model.named_modules() if isinstance(m, Mlp) or _is_croma(m, "FFN")]
     return outermost(attns), outermost(mlps)
+
+
+def slim_signature(model: nn.Module, s: float, mode: str = "attn+mlp") -> tuple[int, ...]:
+    """The kept width of every module :func:`slim_width` narrows at ``s`` (dims per head of
+    each attention, hidden units of each MLP, in module order). Two widths with the same
+    signature give the same model under a deterministic order (``first``, ``last``,
+    ``magnitude``): on a model with head dim 32, every ``s`` below 1/16 keeps 1 dim per head.
+
+    Args:
+        model: A model :func:`slim_width` accepts.
+        s: Width factor in (0, 1].
+        mode: ``attn+mlp``, ``attn`` or ``mlp`` (what is narrowed).
+
+    Returns:
+        The kept widths.
+    """
+    attns, mlps = _targets(model, mode)
+    return tuple(kept_width(_head_dim(a), s) for _, a in attns) + tuple(
+        kept_width(_mlp_layers(m)[0].weight.shape[0], s) for _, m in mlps
+    )
 
 
 def _targets(

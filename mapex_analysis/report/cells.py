@@ -57,12 +57,16 @@ def _select(df: pd.DataFrame, eq: Mapping[str, Any]) -> pd.DataFrame:
 
 def interval(df: pd.DataFrame, **eq: Any) -> tuple[float, float]:
     """95 % interval of :func:`mean` of the selected rows: Student t over their seeds when
-    they span two or more seeds, else the rows' bootstrap interval (``ci_low``/``ci_high``)."""
+    they span two or more seeds (clipped to [0, 1] for fractions), else the rows' bootstrap
+    interval (``ci_low``/``ci_high``)."""
     m = _select(df, eq)
     if m.empty or "ci_low" not in m:
         return float("nan"), float("nan")
     if m["seed"].nunique() >= 2:
-        return seed_interval(m.groupby("seed")["value"].mean().to_numpy())
+        lo, hi = seed_interval(m.groupby("seed")["value"].mean().to_numpy())
+        if m["value"].between(0.0, 1.0).all():  # a fraction's interval stays in [0, 1]
+            lo, hi = max(lo, 0.0), min(hi, 1.0)
+        return lo, hi
     return float(m["ci_low"].mean()), float(m["ci_high"].mean())
 
 

@@ -42,6 +42,7 @@ from mapex_analysis.report.figures import (
     specialization_figures,
     widest,
 )
+from mapex_analysis.report.paper import PAPER_ROUTERS, PAPER_TABLES
 from mapex_analysis.report.routing import (
     coverage_table,
     router_learned_sentences,
@@ -50,7 +51,14 @@ from mapex_analysis.report.routing import (
 )
 from mapex_analysis.study.results import read_results
 
-__all__ = ["latest_study_dir", "modality_findings", "render_report", "short_answers", "slim_table"]
+__all__ = [
+    "latest_study_dir",
+    "modality_findings",
+    "render_report",
+    "seed_style_table",
+    "short_answers",
+    "slim_table",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +68,7 @@ table{border-collapse:collapse;margin:8px 0 20px;font-size:13px}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f2f2f2} td.l,th.l{text-align:left}
 .fig{min-height:380px;margin-bottom:16px} .note{color:#555;font-size:13px}
-.ci{color:#777;font-size:11px}
+.ci{color:#777;font-size:11px} .paper{background:#f4f4fa;color:#557}
 pre{background:#f7f7f7;padding:8px;font-size:12px;overflow:auto;max-height:300px}
 """
 
@@ -118,6 +126,106 @@ def _seed_table(df: pd.DataFrame, summary: pd.DataFrame, task: str) -> str:
             + "".join(rows) + "</table>")  # fmt: skip
 
 
+def _table_models(s: pd.DataFrame) -> list[str]:
+    """The models of a seed-style table, supervised first, then dense, then MAPEX (the
+    router-ablation models, when the study has several routers, only in the router table)."""
+    first = s.drop_duplicates("model")
+    routers = set(first.loc[first["role"] == "mapex", "router"])
+    ablation = len(routers) > 1
+    order = {"supervised": 0, "dense": 1, "mapex": 2}
+    keep = [
+        (order.get(r.role, 3), i, r.model)
+        for i, r in enumerate(first.itertuples())
+        if not (ablation and r.role == "mapex" and r.router not in ("modality", ""))
+    ]
+    return [m for *_, m in sorted(keep)]
+
+
+def seed_style_table(df: pd.DataFrame, summary: pd.DataFrame, task: str) -> str:
+    """The seed's table layout for one task: one row per modality (plus all modalities and
+    the parameter counts), per model a k-NN and a fine-tune column (linear probe and
+    fine-tune for segmentation, which has no k-NN probe), MAPEX pruned to the row's
+    modality, and the paper's real-data values at the right, labelled as such.
+
+    Args:
+        df: The results table.
+        summary: :func:`~mapex_analysis.report.figures.probe_summary` of it.
+        task: The task.
+
+    Returns:
+        An HTML table (or a note when the task has no probe result).
+    """
+    s = summary[summary["task"] == task]
+    if s.empty:
+        return "<p class='note'>No probe results.</p>"
+    frozen = "linear" if (s["metric"] == "miou").any() else "knn"
+    probes = df[df["task"] == task]
+    models = _table_models(s)
+    groups = [
+        (m, [p for p in (frozen, "finetune") if ((s["model"] == m) & (s["protocol"] == p)).any()])
+        for m in models
+    ]
+    mods = [m for m in DEFAULT_MODALITIES if (s["modalities"] == m).any()]
+    paper = PAPER_TABLES.get(task)
+    head1 = "".join(
+        f"<th colspan='{len(ps)}'>{html.escape(m)}<br><span class='ci'>"
+        f"{html.escape(str(s.loc[s['model'] == m, 'role'].iloc[0]))}</span></th>"
+        for m, ps in groups
+    )
+    head2 = "".join(f"<th>{'k-NN' if p == 'knn' else 'FT' if p == 'finetune' else p}</th>"
+                    for _, ps in groups for p in ps)  # fmt: skip
+    if paper is not None:
+        head1 += (f"<th class='paper' colspan='{len(paper.columns)}'>the paper, real data: "
+                  f"{html.escape(paper.title)}</th>")  # fmt: skip
+        head2 += "".join(f"<th class='paper'>{html.escape(c)}</th>" for c in paper.columns)
+    rows = []
+    for mod in [*mods, "all"]:
+        cells = []
+        for model, ps in groups:
+            g = s[s["model"] == model]
+            if mod == "all":
+                mset = widest(g.loc[g["variant"] == "base", "modalities"])
+                variant = "base"
+            else:
+                mset = mod
+                pruned = f"prune[{mod}]"
+                variant = pruned if (g["variant"] == pruned).any() else "base"
+            for p in ps:
+                metric = g.loc[g["protocol"] == p, "metric"].iloc[0]
+                q = dict(model=model, variant=variant, modalities=mset, task=task, protocol=p,
+                         metric=metric)  # fmt: skip
+                cells.append(_metric_td(probes, q))
+        if paper is not None:
+            vals = paper.rows.get(mod)
+            cells += [f"<td class='paper'>{v:.1f}</td>" if vals else "<td class='paper'></td>"
+                      for v in (vals or paper.columns)]  # fmt: skip
+        rows.append(f"<tr><td class='l'>{mod}</td>{''.join(cells)}</tr>")
+    # parameter counts: the full model, and what MAPEX keeps pruned to each modality
+    full, kept = [], []
+    for model, ps in groups:
+        g = s[s["model"] == model]
+        mset = widest(g.loc[g["variant"] == "base", "modalities"])
+        q = dict(model=model, variant="base", modalities=mset, protocol="cost",
+                 metric="params_total")  # fmt: skip
+        full.append(
+            _td(_mean(df, **q), q, "parameters").replace("<td", f"<td colspan='{len(ps)}'", 1)
+        )
+        pruned = [f"prune[{m}]" for m in mods if (g["variant"] == f"prune[{m}]").any()]
+        if pruned:
+            vals = [_mean(df, model=model, variant=v, modalities=v[6:-1], protocol="cost",
+                          metric="params_total") for v in pruned]  # fmt: skip
+            kept.append(f"<td colspan='{len(ps)}'>{min(vals):,.0f}-{max(vals):,.0f}</td>")
+        else:
+            kept.append(f"<td colspan='{len(ps)}'>same</td>")
+    extra = len(paper.columns) if paper is not None else 0
+    pp = "".join(f"<td class='paper'>{html.escape(v)}</td>" for v in paper.params) if paper else ""
+    rows.append(f"<tr><td class='l'># params (full model)</td>{''.join(full)}{pp}</tr>")
+    rows.append(f"<tr><td class='l'># params (as fed one modality)</td>{''.join(kept)}"
+                f"{'<td class=paper></td>' * extra}</tr>")  # fmt: skip
+    return (f"<table><tr><th class='l' rowspan='2'>modality</th>{head1}</tr><tr>{head2}</tr>"
+            + "".join(rows) + "</table>")  # fmt: skip
+
+
 def _router_table(df: pd.DataFrame, summary: pd.DataFrame, task: str) -> str:
     s = summary[(summary["task"] == task) & (summary["router"] != "")]
     if s.empty or s["router"].nunique() < 2:
@@ -125,8 +233,11 @@ def _router_table(df: pd.DataFrame, summary: pd.DataFrame, task: str) -> str:
     routers = list(dict.fromkeys(s["router"]))
     out = []
     for protocol, gp in s.groupby("protocol", sort=False):
+        if gp["router"].nunique() < 2:
+            continue  # a protocol only one router's model ran (fine-tuning of the main one)
         metric = gp["metric"].iloc[0]
         mods = [m for m in DEFAULT_MODALITIES if (gp["modalities"] == m).any()]
+        paper = task == "landcover" and protocol == "knn"
         rows = []
         for m in mods:
             cells = []
@@ -137,8 +248,16 @@ def _router_table(df: pd.DataFrame, summary: pd.DataFrame, task: str) -> str:
                 q = dict(model=model, variant=variant, modalities=m, task=task,
                          protocol=protocol, metric=metric)  # fmt: skip
                 cells.append(_metric_td(df, q))
+            ref = PAPER_ROUTERS.get(m) if paper else None
+            cells += [f"<td class='paper'>{v:.1f}</td>" for v in ref or ()]
+            cells += ["<td class='paper'></td>"] * (3 if paper and not ref else 0)
             rows.append(f"<tr><td class='l'>{m}</td>{''.join(cells)}</tr>")
         head = "".join(f"<th>{r}</th>" for r in routers)
+        if paper:
+            head += (
+                "<th class='paper'>the paper (ben-ge-8k, k-NN): deterministic</th>"
+                "<th class='paper'>pos. embed</th><th class='paper'>modality-based</th>"
+            )
         out.append(f"<h4>{protocol} ({metric}, %)</h4><table><tr><th class='l'>pruned to</th>"
                    f"{head}</tr>{''.join(rows)}</table>")  # fmt: skip
     return "".join(out)
@@ -536,9 +655,15 @@ def _accuracy_sections(
     for t in [task, *[x for x in tasks if x != task]]:
         out += [
             f"<h2>Per-modality results: {html.escape(t)}</h2>",
-            "<p class='note'>MAPEX rows: pruned to the modality; dense and supervised rows: "
-            "the model fed only that modality. Grey: 95 % interval.</p>",
+            "<p class='note'>The seed's table layout. MAPEX columns: pruned to the row's "
+            "modality; dense and supervised columns: the model fed only that modality. Grey: "
+            "95 % interval. The shaded columns are the MAPEX paper's own numbers on real data "
+            "(other data sets, ViT-B/L scale models), shown as a reference, not as a result of "
+            "this study.</p>",
+            seed_style_table(df, summary, t),
+            "<details><summary>Every protocol of every model</summary>",
             _seed_table(df, summary, t),
+            "</details>",
         ]
     out += [
         f"<h2>Router ablation ({html.escape(task)})</h2>",

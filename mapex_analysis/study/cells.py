@@ -72,6 +72,8 @@ def _probe_rows(m: EvalInputs) -> list[dict[str, Any]]:
     for protocol in study.models[cell.model].protocols or study.protocols:
         if protocol == "finetune":
             ft = study.finetune
+            if cell.variant.kind not in ft.variants:
+                continue  # frozen protocols only (finetune.variants)
             res = finetune(m.model, m.train, m.test, modalities=cell.modalities, epochs=ft.epochs,
                            lr=ft.lr, batch_size=ft.batch_size, seed=cell.seed)  # fmt: skip
             rows.append(m.row | {"protocol": "finetune", "metric": res.metric,

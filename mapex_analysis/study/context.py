@@ -30,8 +30,8 @@ __all__ = ["StudyContext", "build_base", "data_modalities", "seed_everything"]
 VARIANT_CACHE = 8
 #: Pruned models kept per process as starting points of prune-then-slim variants.
 PRUNED_CACHE = 2
-#: Task splits kept per process.
-DATA_CACHE = 16
+#: Task splits kept per process (every split of 4 tasks x 3 seeds: cells cycle through them).
+DATA_CACHE = 32
 
 
 def seed_everything(seed: int) -> None:

@@ -17,21 +17,37 @@ config or checkpoint never reuses stale rows.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from torch import nn
+
 from mapex_analysis.models.contract import modalities_of
 from mapex_analysis.ops.prune import PrunePlan
-from mapex_analysis.ops.slim import SlimPlan
+from mapex_analysis.ops.slim import SlimPlan, slim_signature, slimmable_modules
 from mapex_analysis.options import DEFAULT_MODALITIES
 from mapex_analysis.study.context import build_base, data_modalities
 from mapex_analysis.study.measures import selected
 from mapex_analysis.study.provenance import model_fingerprint
 from mapex_analysis.study.schema import ModelConfig, Study
 
-__all__ = ["Cell", "Step", "Variant", "plan_grid", "sorted_modalities", "step_key", "takes_subsets"]
+__all__ = [
+    "Cell",
+    "SlimKey",
+    "Step",
+    "Variant",
+    "collapsed_widths",
+    "distinct_widths",
+    "plan_grid",
+    "slim_key_of",
+    "sorted_modalities",
+    "step_key",
+    "takes_subsets",
+]
 
 #: One operator of a variant: a pruning request (``kept_experts`` is decided when applied, from
 #: calibration data) or a slimming plan.
@@ -98,6 +114,15 @@ class Variant:
         return next((s for s in self.steps if isinstance(s, SlimPlan)), None)
 
     @property
+    def kind(self) -> str:
+        """``base``, ``prune`` (static), ``prune_routing``, ``slim`` or ``prune+slim`` (the
+        names of ``finetune.variants``)."""
+        p = self.prune
+        if p is not None and self.slim is None and p.strategy != "static":
+            return "prune_routing"
+        return "base" if not self.steps else self.operator
+
+    @property
     def width(self) -> float | None:
         """The slimming width, or ``None`` for an unslimmed variant."""
         return self.slim.s if self.slim is not None else None
@@ -146,6 +171,7 @@ class Cell:
                     "operators",
                     "protocols",
                     "compare_with",
+                    "tasks",
                 },  # fmt: skip
             ),
             "weights": model_fingerprint(cfg),
@@ -196,8 +222,72 @@ def takes_subsets(model: Any) -> bool:
     return bool(getattr(model, "variable_bands", True)) or getattr(model, "fill", None) is not None
 
 
+#: ``key(s, mode) -> hashable``: what a slimmed model at width ``s`` keeps (two widths with
+#: the same key give the same model; :func:`mapex_analysis.ops.slim.slim_signature`).
+SlimKey = Callable[[float, str], Hashable]
+
+
+def slim_key_of(model: nn.Module) -> SlimKey | None:
+    """The :data:`SlimKey` of a model, or ``None`` when it has nothing :func:`slim_width`
+    narrows (then no width is collapsed)."""
+    if not any(slimmable_modules(model)):
+        return None
+    return functools.partial(slim_signature, model)
+
+
+def distinct_widths(
+    widths: list[float], mode: str, order: str, key: SlimKey | None
+) -> tuple[list[float], dict[float, float]]:
+    """The widths that give distinct slimmed models (and differ from the full model), and for
+    each dropped width the kept width it duplicates (``1.0``: the full model itself).
+
+    Only deterministic orders collapse (``random`` draws per width); without ``key`` nothing
+    does.
+    """
+    if key is None or order == "random":
+        return list(widths), {}
+    seen = {key(1.0, mode): 1.0}
+    dropped: dict[float, float] = {}
+    for w in sorted(widths, reverse=True):
+        k = key(w, mode)
+        if k in seen:
+            dropped[w] = seen[k]
+        else:
+            seen[k] = w
+    return [w for w in widths if w not in dropped], dropped
+
+
+def collapsed_widths(
+    study: Study, slim_keys: dict[str, SlimKey | None]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per model and slimming ``mode,order``: each width of its grids that was not planned
+    because a wider one (or the full model, ``1.0``) gives the same model -> that width."""
+    slim = study.operators.slim
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    if slim is None:
+        return out
+    for label, cfg in study.models.items():
+        if "slim" not in cfg.operators:
+            continue
+        ws = set(slim.width_list(override=cfg.slim_widths)) | set(cfg.slim_set_widths or [])
+        ws |= set(slim.width_list(pruned=True))
+        for mode in slim.modes:
+            for order in slim.orders:
+                _, dropped = distinct_widths(sorted(w for w in ws if w < 1.0), mode, order,
+                                             slim_keys.get(label))  # fmt: skip
+                if dropped:
+                    out.setdefault(label, {})[f"{mode},{order}"] = {
+                        f"{w:g}": rep for w, rep in sorted(dropped.items())
+                    }
+    return out
+
+
 def _variants(
-    study: Study, cfg: ModelConfig, mods: tuple[str, ...], subsets: bool = True
+    study: Study,
+    cfg: ModelConfig,
+    mods: tuple[str, ...],
+    subsets: bool = True,
+    slim_key: SlimKey | None = None,
 ) -> list[tuple[Variant, tuple]]:
     out: list[tuple[Variant, tuple[str, ...]]] = [(Variant(), mods)]
     prune = study.operators.prune if "prune" in cfg.operators else None
@@ -244,11 +334,14 @@ def _variants(
                 def slimmed(w: float, mode: str = mode, order: str = order) -> SlimPlan:
                     return SlimPlan(w, mode=mode, order=order, seed=slim_seed)
 
-                out += [(Variant((slimmed(w),)), mods) for w in base_widths]
-                out += [(Variant((slimmed(w),)), s) for w in set_widths for s in sets]
+                def distinct(ws: list[float], mode: str = mode, order: str = order) -> list:
+                    return distinct_widths(ws, mode, order, slim_key)[0]
+
+                out += [(Variant((slimmed(w),)), mods) for w in distinct(base_widths)]
+                out += [(Variant((slimmed(w),)), s) for w in distinct(set_widths) for s in sets]
                 st0, c0 = plans[0] if plans else ("static", None)
                 out += [(Variant((pruned(s, st0, c0), slimmed(w))), s)
-                        for w in pruned_widths for s in sets]  # fmt: skip
+                        for w in distinct(pruned_widths) for s in sets]  # fmt: skip
     return out
 
 
@@ -256,8 +349,12 @@ def plan_grid(
     study: Study,
     modalities: dict[str, tuple[str, ...]] | None = None,
     subsets: dict[str, bool] | None = None,
+    slim_keys: dict[str, SlimKey | None] | None = None,
 ) -> list[Cell]:
     """Every cell of the study, cost cells first, in a stable order.
+
+    Slimming widths that give the same model as a wider width of the same grid (the same
+    kept dims per head and MLP units: :func:`distinct_widths`) are planned once, at the widest.
 
     Args:
         study: The validated study.
@@ -266,12 +363,15 @@ def plan_grid(
             four Sentinel-2 modalities).
         subsets: Model label -> whether it can be fed a subset of its modalities
             (:func:`takes_subsets`); default: read from each built model.
+        slim_keys: Model label -> its :data:`SlimKey` (:func:`slim_key_of`); default: from
+            each model this function builds (none: no width collapsed).
 
     Returns:
         The cells.
     """
     declared = dict(modalities or {})
     partial = dict(subsets or {})
+    keys = dict(slim_keys or {})
     carried = data_modalities(study)
     fed_by: dict[str, tuple[str, ...]] = {}
     for label, cfg in study.models.items():
@@ -279,6 +379,7 @@ def plan_grid(
             built = build_base(cfg)
             declared.setdefault(label, sorted_modalities(modalities_of(built)))
             partial.setdefault(label, takes_subsets(built))
+            keys.setdefault(label, slim_key_of(built))
         fed = tuple(m for m in declared[label] if m in carried)
         if not fed:
             raise ValueError(
@@ -290,12 +391,13 @@ def plan_grid(
     cost: list[Cell] = []
     evals: list[Cell] = []
     for label, cfg in study.models.items():
-        for variant, mods in _variants(study, cfg, fed_by[label], partial[label]):
+        for variant, mods in _variants(study, cfg, fed_by[label], partial[label],
+                                       keys.get(label)):  # fmt: skip
             if want_cost:
                 cost.append(Cell("cost", label, variant, mods))
             if not (cfg.protocols or study.protocols):
                 continue  # cost only
-            for task in study.tasks:
+            for task in cfg.tasks or study.tasks:
                 for seed in study.seeds:
                     evals.append(Cell("eval", label, variant, mods, task, seed))
     return cost + evals

@@ -12,6 +12,7 @@ resumes without recomputing or duplicating anything. Frozen features are cached 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -27,7 +28,15 @@ from mapex_analysis.models.contract import modalities_of
 from mapex_analysis.study.cells import cell_rows, feature_cache_key
 from mapex_analysis.study.context import StudyContext
 from mapex_analysis.study.execution import cluster_kind, run_on_dask
-from mapex_analysis.study.grid import Cell, Variant, plan_grid, sorted_modalities, takes_subsets
+from mapex_analysis.study.grid import (
+    Cell,
+    Variant,
+    collapsed_widths,
+    plan_grid,
+    slim_key_of,
+    sorted_modalities,
+    takes_subsets,
+)
 from mapex_analysis.study.provenance import environment, save_config
 from mapex_analysis.study.results import (
     cell_file_problem,
@@ -40,6 +49,7 @@ from mapex_analysis.study.results import (
 from mapex_analysis.study.schema import Study
 
 __all__ = [
+    "COLLAPSED_FILE",
     "Cell",
     "RunSummary",
     "Variant",
@@ -52,6 +62,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: File in the study folder naming the slimming widths that were not run because a wider width
+#: gives the same model (:func:`mapex_analysis.study.grid.collapsed_widths`).
+COLLAPSED_FILE = "collapsed_widths.json"
 
 #: ``progress(done, total, cell, skipped)`` after every cell.
 ProgressFn = Callable[[int, int, Cell, bool], None]
@@ -190,9 +204,17 @@ def run_study(
     if study.data.is_real:  # a missing root, split or file fails here, before any cell runs
         for split in ("train", "test"):
             ctx.dataset(study.tasks[0], study.seeds[0], split)
+    keys = {label: slim_key_of(ctx.base(label)) for label in study.models}
     cells = plan_grid(study, {label: sorted_modalities(modalities_of(ctx.base(label)))
                               for label in study.models},
-                      {label: takes_subsets(ctx.base(label)) for label in study.models})  # fmt: skip
+                      {label: takes_subsets(ctx.base(label)) for label in study.models},
+                      keys)  # fmt: skip
+    collapsed = collapsed_widths(study, keys)
+    (study_dir / COLLAPSED_FILE).write_text(json.dumps(collapsed, indent=1, sort_keys=True))
+    for label, by_plan in collapsed.items():
+        for plan, dropped in by_plan.items():
+            logger.info("%s slim %s: widths %s give the same model as a wider one; not run",
+                        label, plan, ", ".join(dropped))  # fmt: skip
     current = {cell.cell_id(study) for cell in cells}
     stale = finished_cells(study_dir) - current
     for cid in sorted(stale):  # cells of an earlier config or earlier checkpoint weights

@@ -132,6 +132,8 @@ class ModelConfig(Strict):
             report's slimming comparison (e.g. a slimmable-trained twin with its normally
             trained one): each width's metric and retention are marked when their intervals
             do not overlap the partner's.
+        tasks: The study tasks this model is evaluated on (default: all; e.g. a U-Net
+            baseline only on ``segmentation``).
     """
 
     source: str
@@ -145,6 +147,7 @@ class ModelConfig(Strict):
     slim_set_widths: list[float] | None = None
     protocols: list[Protocol] | None = None
     compare_with: str | None = None
+    tasks: list[str] | None = None
 
     @field_validator("slim_widths", "slim_set_widths")
     @classmethod
@@ -473,6 +476,11 @@ class LatencyConfig(Strict):
     widths: list[float] | None = None
 
 
+#: Variant kinds fine-tuning can run on (``prune``: static pruning; ``prune_routing``: the
+#: routing strategy at a coverage).
+FinetuneVariant = Literal["base", "prune", "prune_routing", "slim", "prune+slim"]
+
+
 class FinetuneConfig(Strict):
     """Short fine-tuning settings (protocol ``finetune``).
 
@@ -480,11 +488,16 @@ class FinetuneConfig(Strict):
         epochs: Passes over the training split.
         lr: AdamW learning rate.
         batch_size: Samples per step.
+        variants: The variant kinds a model with the ``finetune`` protocol is fine-tuned as
+            (default: the unmodified model and its statically pruned variants, the rows of the
+            seed-style tables; slimming is post hoc and evaluated frozen). The other variants
+            get the frozen protocols only.
     """
 
     epochs: int = Field(default=3, ge=1)
     lr: float = Field(default=1e-3, gt=0.0)
     batch_size: int = Field(default=64, ge=1)
+    variants: list[FinetuneVariant] = Field(default=["base", "prune"], min_length=1)
 
 
 def cluster_kind(spec: str) -> tuple[str, int]:
@@ -642,6 +655,17 @@ class Study(Strict):
                     + ", ".join(v)
                 )
         return v
+
+    @model_validator(mode="after")
+    def _model_tasks(self) -> Study:
+        for label, cfg in self.models.items():
+            unknown = [t for t in cfg.tasks or [] if t not in self.tasks]
+            if unknown or cfg.tasks == []:
+                raise ValueError(
+                    f"models.{label}.tasks: {', '.join(unknown) or '[]'} is not among the "
+                    f"study's tasks ({', '.join(self.tasks) or 'none'})"
+                )
+        return self
 
     @field_validator("measurements")
     @classmethod
