@@ -64,7 +64,8 @@ class FinetunedModel(nn.Module):
         if self.kind != "segmentation":
             return self.head(self.encoder(x))  # (B, K)
         if hasattr(self.encoder, "forward_dense"):  # per-pixel features (a U-Net)
-            dense = self.encoder.forward_dense(x)  # (B, D, H, W)
+            net: Any = self.encoder
+            dense = net.forward_dense(x)  # (B, D, H, W)
             return self.head(dense.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, K, H, W)
         tokens = patch_tokens(self.encoder, x)  # (B, P, D)
         b, p, _ = tokens.shape

@@ -133,11 +133,12 @@ def _table_models(s: pd.DataFrame) -> list[str]:
     routers = set(first.loc[first["role"] == "mapex", "router"])
     ablation = len(routers) > 1
     order = {"supervised": 0, "dense": 1, "mapex": 2}
-    keep = [
-        (order.get(r.role, 3), i, r.model)
-        for i, r in enumerate(first.itertuples())
-        if not (ablation and r.role == "mapex" and r.router not in ("modality", ""))
-    ]
+    keep: list[tuple[int, int, str]] = []
+    for i, (model, role, router) in enumerate(
+        zip(first["model"], first["role"], first["router"], strict=True)
+    ):
+        if not (ablation and role == "mapex" and router not in ("modality", "")):
+            keep.append((order.get(str(role), 3), i, str(model)))
     return [m for *_, m in sorted(keep)]
 
 
@@ -196,9 +197,12 @@ def seed_style_table(df: pd.DataFrame, summary: pd.DataFrame, task: str) -> str:
                          metric=metric)  # fmt: skip
                 cells.append(_metric_td(probes, q))
         if paper is not None:
-            vals = paper.rows.get(mod)
-            cells += [f"<td class='paper'>{v:.1f}</td>" if vals else "<td class='paper'></td>"
-                      for v in (vals or paper.columns)]  # fmt: skip
+            ref = paper.rows.get(mod)
+            cells += (
+                [f"<td class='paper'>{v:.1f}</td>" for v in ref]
+                if ref
+                else ["<td class='paper'></td>"] * len(paper.columns)
+            )
         rows.append(f"<tr><td class='l'>{mod}</td>{''.join(cells)}</tr>")
     # parameter counts: the full model, and what MAPEX keeps pruned to each modality
     full, kept = [], []
@@ -210,11 +214,11 @@ def seed_style_table(df: pd.DataFrame, summary: pd.DataFrame, task: str) -> str:
         full.append(
             _td(_mean(df, **q), q, "parameters").replace("<td", f"<td colspan='{len(ps)}'", 1)
         )
-        pruned = [f"prune[{m}]" for m in mods if (g["variant"] == f"prune[{m}]").any()]
-        if pruned:
-            vals = [_mean(df, model=model, variant=v, modalities=v[6:-1], protocol="cost",
-                          metric="params_total") for v in pruned]  # fmt: skip
-            kept.append(f"<td colspan='{len(ps)}'>{min(vals):,.0f}-{max(vals):,.0f}</td>")
+        pruned_to = [m for m in mods if (g["variant"] == f"prune[{m}]").any()]
+        if pruned_to:
+            counts = [_mean(df, model=model, variant=f"prune[{m}]", modalities=m,
+                            protocol="cost", metric="params_total") for m in pruned_to]  # fmt: skip
+            kept.append(f"<td colspan='{len(ps)}'>{min(counts):,.0f}-{max(counts):,.0f}</td>")
         else:
             kept.append(f"<td colspan='{len(ps)}'>same</td>")
     extra = len(paper.columns) if paper is not None else 0
