@@ -185,7 +185,9 @@ def test_every_family_follows_one_contract(name: str) -> None:
     assert len(inter) == (1 if depth == 1 else 2)  # block order, duplicates once
     assert inter[-1].shape == tokens.shape
     last = model.forward_intermediates(x, indices=1, intermediates_only=True)
-    assert len(last) == 1 and torch.equal(last[0], inter[-1])
+    # inter ran without gradients (a MoE's fused inference dispatch), last with: same products,
+    # summed in another order
+    assert len(last) == 1 and torch.allclose(last[0], inter[-1], atol=1e-6)
     with pytest.raises(IndexError, match="out of range"):
         model.forward_intermediates(x, indices=depth + 1)
     with pytest.raises(IndexError, match="out of range"):

@@ -288,3 +288,39 @@ def test_mi_loss_is_taken_over_expert_groups() -> None:
     # without a prior, at initialisation routing barely depends on the modality
     flat = MoEMLP(16, 24, MODS, experts_per_modality=2, router="modality", prior_init=0.0)
     assert -0.1 < flat(x, idx, MODS, pos).mi_loss.item() <= 0.0
+
+
+@pytest.mark.parametrize(("router", "per_mod", "shared"),
+                         [("modality", 2, 1), ("pos_embed", 1, 2), ("deterministic", 2, 1)])  # fmt: skip
+def test_fused_inference_dispatch_equals_the_definition(
+    router: str, per_mod: int, shared: int
+) -> None:
+    torch.manual_seed(0)
+    moe = MoEMLP(16, 24, MODS, experts_per_modality=per_mod, shared_experts=shared, router=router)
+    moe.eval()
+    x, idx, pos = _inputs()
+    with torch.no_grad():
+        assert moe._fusable()  # eval, no gradients, top-1, a shared expert, plain timm Mlps
+        fused = moe(x, idx, MODS, pos).out
+        ref = _dense_reference(moe, x, idx, pos)
+    assert torch.allclose(fused, ref, atol=1e-5), (fused - ref).abs().max()
+    # the module path (gradients on) gives the same output; CLS tokens (index -1) included
+    assert torch.allclose(moe(x, idx, MODS, pos).out.detach(), fused, atol=1e-5)
+    # a changed weight is picked up (the stacked weights are cached by storage and version)
+    with torch.no_grad():
+        moe.shared_experts[0].fc2.bias.add_(1.0)
+        moved = moe(x, idx, MODS, pos).out
+    assert torch.allclose(moved, fused + 1.0, atol=1e-5)
+
+
+def test_fused_dispatch_is_only_taken_at_inference_with_top_1() -> None:
+    moe = MoEMLP(16, 24, MODS, experts_per_modality=2, top_k=1)
+    with torch.no_grad():
+        assert not moe._fusable()  # training mode
+        moe.eval()
+        assert moe._fusable()
+    assert not moe._fusable()  # gradients enabled
+    top2 = MoEMLP(16, 24, MODS, experts_per_modality=2, top_k=2).eval()
+    no_shared = MoEMLP(16, 24, MODS, shared_experts=0).eval()
+    with torch.no_grad():
+        assert not top2._fusable() and not no_shared._fusable()

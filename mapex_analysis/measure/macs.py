@@ -74,6 +74,7 @@ from mapex_analysis.modalities import (
     check_inputs,
     unit_checks,
 )
+from mapex_analysis.models.moe import module_dispatch
 
 __all__ = [
     "CROSS_CHECK_TOLERANCE",
@@ -452,7 +453,7 @@ def count_macs(
         check_inputs(inputs, where=type(model).__name__)
     modes = _eval_mode(model)
     try:
-        with torch.no_grad(), unit_checks(False):
+        with torch.no_grad(), unit_checks(False), module_dispatch():
             total, by_module, by_op, unsupported, uncalled = _fvcore_count(model, inputs)
             check: dict[str, float] = {}
             if cross_check:

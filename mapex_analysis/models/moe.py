@@ -90,11 +90,14 @@ The layer returns its output, auxiliary loss and routing statistics explicitly
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import cast
 
 import torch
+import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
 
@@ -113,6 +116,7 @@ __all__ = [
     "Routing",
     "RoutingInfo",
     "RoutingStats",
+    "module_dispatch",
     "mutual_information_loss",
 ]
 
@@ -346,6 +350,22 @@ def mutual_information_loss(
     return -mi
 
 
+_UNFUSED = threading.local()
+
+
+@contextlib.contextmanager
+def module_dispatch() -> Iterator[None]:
+    """Within this context every :class:`MoEMLP` runs its experts as modules, never the fused
+    inference dispatch: what MAC counting needs to attribute each product to the expert (or
+    shared expert) that computes it. Outputs and total MACs are the same either way."""
+    prev = getattr(_UNFUSED, "on", False)
+    _UNFUSED.on = True
+    try:
+        yield
+    finally:
+        _UNFUSED.on = prev
+
+
 class MoEMLP(nn.Module):
     """Mixture-of-modality-experts MLP with sparse dispatch (see the module docstring).
 
@@ -405,6 +425,9 @@ class MoEMLP(nn.Module):
             tuple[object, ...], tuple[torch.Tensor, torch.Tensor, tuple[bool, ...]]
         ] = {}
         self._group_cache: dict[tuple[object, ...], torch.Tensor] = {}
+        # fused inference weights per routed expert (None: shared experts only), keyed by the
+        # parameters' storage and version (see _fused_weights); not part of the state dict
+        self._fused_cache: dict[int | None, tuple[object, tuple]] = {}
 
     @property
     def num_experts(self) -> int:
@@ -443,6 +466,108 @@ class MoEMLP(nn.Module):
                 self._mask_cache.clear()
             self._mask_cache[key] = hit
         return hit
+
+    def _fusable(self) -> bool:
+        """Whether :meth:`forward` may take the fused inference dispatch: eval mode without
+        gradients, top-1 routing, at least one shared expert, and every expert a timm ``Mlp``
+        with biases, no hidden norm and the same activation (what pruning and slimming
+        produce from the layer's own experts); never inside :func:`module_dispatch` or a
+        ``torch.jit`` trace."""
+        if self.training or torch.is_grad_enabled() or self.top_k != 1:
+            return False
+        if getattr(_UNFUSED, "on", False) or torch.jit.is_tracing():
+            return False
+        mlps = [*self.shared_experts, *self.experts]
+        if not self.shared_experts or not all(type(m) is Mlp for m in mlps):
+            return False
+        act = type(mlps[0].act), getattr(mlps[0].act, "approximate", None)
+        return all(
+            isinstance(m.norm, nn.Identity)
+            and m.fc1.bias is not None
+            and m.fc2.bias is not None
+            and (type(m.act), getattr(m.act, "approximate", None)) == act
+            for m in mlps
+        )
+
+    def _fused_dispatch(
+        self,
+        flat: torch.Tensor,
+        xs: torch.Tensor,
+        tok: torch.Tensor | None,
+        sizes: list[int],
+        top_logit: torch.Tensor,
+        selected: torch.Tensor,
+    ) -> torch.Tensor:
+        """The layer's output at inference with the shared experts folded into each routed
+        expert's GEMMs: the tokens of routed expert ``e`` go through one ``fc1`` of the shared
+        experts' and ``e``'s rows stacked, the activation, the gate on ``e``'s hidden units
+        (and its ``fc2`` bias), and one ``fc2`` of their columns side by side, so a token costs
+        two GEMMs instead of two per expert it passes; tokens no routed expert takes (CLS, a
+        modality without experts) pass the shared experts alone. The same products are
+        computed as on the module path (equal within float rounding; MACs unchanged, no
+        padding).
+
+        Args:
+            flat: ``(T, D)`` tokens.
+            xs: The routed tokens sorted by expert (``tok`` their positions), or empty.
+            tok: Positions of ``xs`` in ``flat``.
+            sizes: Tokens per routed expert, in expert order.
+            top_logit: ``(T, 1)`` logit of each token's expert (sorted like ``flat``).
+            selected: ``(T, 1)`` whether the token is routed.
+
+        Returns:
+            ``(T, D)`` output.
+        """
+        act = self.shared_experts[0].act
+        out = torch.empty_like(flat)
+        rest = (~selected[:, 0]).nonzero().squeeze(1)
+        if rest.numel():
+            w1, b1, w2, b2, _, _ = self._fused_weights(None)
+            h = act(F.linear(flat.index_select(0, rest), w1, b1))
+            out.index_copy_(0, rest, F.linear(h, w2, b2).to(out.dtype))
+        if tok is None:
+            return out
+        gated = self.router.kind != "deterministic"
+        gates = torch.sigmoid(top_logit[:, 0].index_select(0, tok)) if gated else None
+        start = 0
+        for i, n in enumerate(sizes):
+            if not n:
+                continue
+            w1, b1, w2, b2, b2_e, hs = self._fused_weights(i)
+            x_e, t_e = xs[start : start + n], tok[start : start + n]
+            h = act(F.linear(x_e, w1, b1))  # (n, shared hidden + expert hidden)
+            if gates is None:
+                y = F.linear(h, w2, b2 + b2_e)
+            else:
+                g = gates[start : start + n].unsqueeze(-1).to(h.dtype)
+                h[:, hs:].mul_(g)  # the gate on the expert's hidden units ...
+                y = torch.addcmul(F.linear(h, w2, b2), g, b2_e.to(h.dtype))  # ... and bias
+            out.index_copy_(0, t_e, y.to(out.dtype))
+            start += n
+        return out
+
+    def _fused_weights(
+        self, expert: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """``(fc1 weight, fc1 bias, fc2 weight, shared fc2 bias, expert fc2 bias, shared
+        hidden)`` of the shared experts stacked with routed expert ``expert`` (``None``: the
+        shared experts alone), cached until a weight is replaced or changed in place."""
+        mlps = [*self.shared_experts, *([] if expert is None else [self.experts[expert]])]
+        params = [p for m in mlps for p in (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias)]
+        key = (expert, tuple((p.data_ptr(), p._version, p.shape) for p in params))
+        hit = self._fused_cache.get(expert)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        shared = list(self.shared_experts)
+        hs = sum(int(m.fc1.weight.shape[0]) for m in shared)
+        w1 = torch.cat([m.fc1.weight for m in mlps])
+        b1 = torch.cat([m.fc1.bias for m in mlps])
+        w2 = torch.cat([m.fc2.weight for m in mlps], dim=1)
+        b2 = torch.stack([m.fc2.bias for m in shared]).sum(dim=0)
+        b2_e = mlps[-1].fc2.bias if expert is not None else torch.zeros_like(b2)
+        value = (w1, b1, w2, b2, b2_e, hs)
+        self._fused_cache[expert] = (key, value)
+        return value
 
     def _group_index(self, device: torch.device) -> torch.Tensor:
         """``(E,)`` index of each routed expert's group (groups in order of first appearance);
@@ -550,8 +675,9 @@ class MoEMLP(nn.Module):
         idx = modality_index.reshape(B * N)
         M, E = len(mods), self.num_experts
 
+        fused = E > 0 and self._fusable()
         out: torch.Tensor | None = None
-        for shared in self.shared_experts:
+        for shared in () if fused else self.shared_experts:
             y_s = shared(flat)
             out = y_s if out is None else out + y_s
         if E == 0:
@@ -580,6 +706,8 @@ class MoEMLP(nn.Module):
         n_sel = sum(sizes)
         # routed tokens: every token of a routed modality row (each has k slots in its row)
         n_routed = sum(sum(r) for r, on in zip(rows[1:], routed_rows, strict=True) if on) // k
+        tok: torch.Tensor | None = None
+        xs = flat[:0]
         if n_sel > 0:
             # Sort the (token, slot) assignments by expert: each expert's tokens become one
             # contiguous slice of a single gather; unused slots (E) sort last and are cut.
@@ -591,6 +719,9 @@ class MoEMLP(nn.Module):
                     order = order[:n_sel]
             tok = order if k == 1 else torch.div(order, k, rounding_mode="floor")
             xs = flat.index_select(0, tok)
+        if fused:
+            out = self._fused_dispatch(flat, xs, tok, sizes, top_logit, selected)
+        elif tok is not None:
             ys: list[torch.Tensor] = []
             start = 0
             for expert, n in zip(self.experts, sizes, strict=True):
