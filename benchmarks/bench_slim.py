@@ -10,7 +10,7 @@ unslimmed patch embedding included, as in the slimmability paper).
 For each width it prints the MACs ratio ``MACs(s) / MACs(1)``, the realised speedup
 ``latency(1) / latency(s)``, the MACs reduction ``MACs(1) / MACs(s)`` and their quotient, the
 efficiency ``speedup / MACs reduction`` (1.0 = the full saving is realised). It exits with
-status 1 if the efficiency of a width ``s >= 0.25`` is below the target (default 0.7)::
+status 1 if the efficiency is below its target: 0.9 for every ``s >= 0.25``, 0.7 below::
 
     .venv/bin/python benchmarks/bench_slim.py [--threads 1] [--rounds 5] [--batch 32]
 """
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5, help="timed repeats per width")
-    parser.add_argument("--target", type=float, default=0.7)
+    parser.add_argument("--target", type=float, default=0.9, help="efficiency, s >= 0.25")
+    parser.add_argument("--target-small", type=float, default=0.7, help="efficiency, s < 0.25")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -81,12 +82,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{s:>6g} {params[s]:>11,} {macs[s] / 1e9:>9.2f} {macs[s] / macs[1.0]:>10.4f} "
             f"{median[s]:>11.1f} {speedup:>8.2f} {reduction:>9.2f} {eff:>10.2f}"
         )
-        if s >= 0.25 and eff < args.target:
+        if eff < (args.target if s >= 0.25 else args.target_small):
             failed.append(s)
     if failed:
-        print(f"efficiency below {args.target} at s = {failed}")
+        print(f"MISSED: efficiency below target ({args.target} for s >= 0.25, "
+              f"{args.target_small} below) at s = {failed}")  # fmt: skip
         return 1
-    print(f"efficiency >= {args.target} for every s >= 0.25")
+    print(f"efficiency >= {args.target} for s >= 0.25 and >= {args.target_small} below")
     return 0
 
 
