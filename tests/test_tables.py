@@ -150,6 +150,8 @@ def test_collapsed_widths_are_recorded(tmp_path: Path) -> None:
     assert saved == collapsed_widths(study, keys) == {"d": {"attn+mlp,first": {"0.005": 0.01}}}
     widths = set(read_results(study.study_dir)["width"].dropna())
     assert 0.005 not in widths and {0.5, 0.01} <= widths
+    page = render_report(study.study_dir).read_text()
+    assert "<li>d (attn+mlp,first): 0.005 = 0.01</li>" in page
 
 
 def test_seed_style_table_shows_the_paper_next_to_the_study(tmp_path: Path) -> None:

@@ -595,7 +595,7 @@ def render_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
         return out
 
     if summary.empty:  # a cost-only study: no probes, no per-modality tables
-        parts += compute_part
+        parts += [*compute_part, *_collapsed_note(folder)]
         parts += draw([("Relative compute vs width", compute)] if compute is not None else [])
         parts += ["<h2>Details</h2>", *draw(details)]
     else:
@@ -609,7 +609,8 @@ def render_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
                       "metric. Pairs come from the study's compare_with (else every model is "
                       "compared with the first); unmarked values are indistinguishable from "
                       "the partner's.</p>", *slim_parts]  # fmt: skip
-        parts += ["<h2>Retention and Pareto fronts</h2>", _CURVE_NOTE, *draw(figs)]
+        parts += ["<h2>Retention and Pareto fronts</h2>", _CURVE_NOTE,
+                  *_collapsed_note(folder), *draw(figs)]  # fmt: skip
         if empty:
             parts.append("<h3>Figures not drawn</h3><ul class='note'>")
             parts += [f"<li>{html.escape(s)}</li>" for s in empty]
@@ -628,6 +629,27 @@ def render_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
     atomic_write_text(path, "\n".join(parts))
     logger.info("report with %d figures -> %s", n_fig, path)
     return path
+
+
+def _collapsed_note(folder: Path) -> list[str]:
+    """What the run's ``collapsed_widths.json`` says: the widths not run because a wider one
+    gives the same model (empty when none collapsed or the file is absent)."""
+    path = folder / "collapsed_widths.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    items = [
+        f"{model} ({plan}): " + ", ".join(f"{w} = {rep:g}" for w, rep in dropped.items())
+        for model, by_plan in data.items()
+        for plan, dropped in by_plan.items()
+    ]
+    if not items:
+        return []
+    return [
+        "<p class='note'>Widths not run because a wider width keeps the same dimensions per "
+        "head and MLP units, i.e. gives the same model (width = the width it equals):</p>"
+        "<ul class='note'>",
+        *[f"<li>{html.escape(i)}</li>" for i in items],
+        "</ul>",
+    ]
 
 
 _CURVE_NOTE = (
