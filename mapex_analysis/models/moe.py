@@ -94,7 +94,7 @@ import contextlib
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -518,7 +518,7 @@ class MoEMLP(nn.Module):
         Returns:
             ``(T, D)`` output.
         """
-        act = self.shared_experts[0].act
+        act: Any = self.shared_experts[0].act
         out = torch.empty_like(flat)
         rest = (~selected[:, 0]).nonzero().squeeze(1)
         if rest.numel():
@@ -552,13 +552,16 @@ class MoEMLP(nn.Module):
         """``(fc1 weight, fc1 bias, fc2 weight, shared fc2 bias, expert fc2 bias, shared
         hidden)`` of the shared experts stacked with routed expert ``expert`` (``None``: the
         shared experts alone), cached until a weight is replaced or changed in place."""
-        mlps = [*self.shared_experts, *([] if expert is None else [self.experts[expert]])]
+        mlps: list[Any] = [
+            *self.shared_experts,
+            *([] if expert is None else [self.experts[expert]]),
+        ]
         params = [p for m in mlps for p in (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias)]
         key = (expert, tuple((p.data_ptr(), p._version, p.shape) for p in params))
         hit = self._fused_cache.get(expert)
         if hit is not None and hit[0] == key:
             return hit[1]
-        shared = list(self.shared_experts)
+        shared: list[Any] = list(self.shared_experts)
         hs = sum(int(m.fc1.weight.shape[0]) for m in shared)
         w1 = torch.cat([m.fc1.weight for m in mlps])
         b1 = torch.cat([m.fc1.bias for m in mlps])
