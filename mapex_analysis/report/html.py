@@ -90,6 +90,13 @@ def _primary_task(df: pd.DataFrame) -> str:
     return "landcover" if "landcover" in tasks else (tasks[0] if tasks else "")
 
 
+def _fed_variant(g: pd.DataFrame, modality: str) -> str:
+    """A model's table row for one modality: pruned to it where the model has that variant
+    (MAPEX; only ``role: mapex`` models are pruned), else the model fed only that modality."""
+    pruned = f"prune[{modality}]"
+    return pruned if (g["variant"] == pruned).any() else "base"
+
+
 def _seed_table(df: pd.DataFrame, summary: pd.DataFrame, task: str) -> str:
     """Per-modality table: rows (model, protocol), columns modalities + all."""
     s = summary[summary["task"] == task]
@@ -104,8 +111,7 @@ def _seed_table(df: pd.DataFrame, summary: pd.DataFrame, task: str) -> str:
         metric = g["metric"].iloc[0]
         cells = []
         for m in cols:
-            variant = f"prune[{m}]" if role == "mapex" and (g["variant"] == f"prune[{m}]").any() \
-                else "base"  # fmt: skip
+            variant = _fed_variant(g, m)
             q = dict(model=model, variant=variant, modalities=m, task=task, protocol=protocol,
                      metric=metric)  # fmt: skip
             cells.append(_metric_td(probes, q))
@@ -188,9 +194,7 @@ def seed_style_table(df: pd.DataFrame, summary: pd.DataFrame, task: str) -> str:
                 mset = widest(g.loc[g["variant"] == "base", "modalities"])
                 variant = "base"
             else:
-                mset = mod
-                pruned = f"prune[{mod}]"
-                variant = pruned if (g["variant"] == pruned).any() else "base"
+                mset, variant = mod, _fed_variant(g, mod)
             for p in ps:
                 metric = g.loc[g["protocol"] == p, "metric"].iloc[0]
                 q = dict(model=model, variant=variant, modalities=mset, task=task, protocol=p,
@@ -247,7 +251,7 @@ def _router_table(df: pd.DataFrame, summary: pd.DataFrame, task: str) -> str:
             cells = []
             for r in routers:
                 gr = gp[(gp["router"] == r) & (gp["modalities"] == m)]
-                variant = f"prune[{m}]" if (gr["variant"] == f"prune[{m}]").any() else "base"
+                variant = _fed_variant(gr, m)
                 model = gr["model"].iloc[0] if len(gr) else ""
                 q = dict(model=model, variant=variant, modalities=m, task=task,
                          protocol=protocol, metric=metric)  # fmt: skip
