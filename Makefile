@@ -10,7 +10,7 @@ STUDY ?= studies/prune_vs_slim.yaml
 CLUSTER ?= local:2
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv test lint typecheck pytest demo bench clean
+.PHONY: venv test lint typecheck pytest demo evidence bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: lint typecheck pytest
 demo: venv
 	OMP_NUM_THREADS=1 $(VENV)/bin/mapex-study run $(STUDY) --cluster $(CLUSTER)
 	$(VENV)/bin/mapex-study report
+
+# the full evidence study (every table of the report; about an hour on 2 cores)
+evidence:
+	$(MAKE) demo STUDY=studies/evidence.yaml
 
 bench: venv
 	@failed=""; for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || failed="$$failed $$f"; done; \

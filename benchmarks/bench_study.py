@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import resource
 import sys
 import tempfile
 import time
@@ -54,6 +55,13 @@ def timed(label: str | Callable[..., str], fn: Callable[..., Any]) -> Callable[.
     return wrapper
 
 
+def group_of(cell: Any) -> str:
+    """A cell's group for the per-group breakdown: kind, model, variant kind and whether it is
+    fed one modality or several."""
+    inputs = "one modality" if len(cell.modalities) == 1 else f"{len(cell.modalities)} modalities"
+    return f"{cell.kind} {cell.model} {cell.variant.kind} ({inputs})"
+
+
 def instrument() -> None:
     """Wrap the stages of :mod:`mapex_analysis.study.cells` and the study context in timers."""
     rows_function = cells_mod.rows_function
@@ -85,21 +93,37 @@ def main() -> int:
         step = max(1, len(grid) // args.cells) if args.cells else 1
         sample = grid[::step]
         per_kind: dict[str, list[float]] = collections.defaultdict(list)
+        per_group: dict[str, list[float]] = collections.defaultdict(list)
         t_all = time.perf_counter()
+        usage0 = resource.getrusage(resource.RUSAGE_SELF)
         for cell in sample:
             t0 = time.perf_counter()
             cells_mod.cell_rows(ctx, cell)
             per_kind[cell.kind].append(time.perf_counter() - t0)
+            per_group[group_of(cell)].append(time.perf_counter() - t0)
         wall = time.perf_counter() - t_all
+        usage = resource.getrusage(resource.RUSAGE_SELF)
 
     total_by_kind = collections.Counter(c.kind for c in grid)
     print(f"study {study.name}: {len(grid)} cells ({dict(total_by_kind)}); sampled {len(sample)} "
           f"(every {step}th), {wall:.1f} s, torch threads {torch.get_num_threads()}")  # fmt: skip
+    # kernel time is mostly page faults of freshly mapped tensors (data.batch_size too large)
+    print(f"CPU: user {usage.ru_utime - usage0.ru_utime:.1f} s, system "
+          f"{usage.ru_stime - usage0.ru_stime:.1f} s, "
+          f"{usage.ru_minflt - usage0.ru_minflt:,} minor page faults")  # fmt: skip
     print(f"{'stage':32s} {'seconds':>9s} {'share':>7s} {'calls':>6s}")
     for key, sec in SECONDS.most_common():
         print(f"{key:32s} {sec:9.2f} {sec / wall:7.1%} {CALLS[key]:6d}")
     print("(stages nest: 'apply operators' includes building the base model and the pruning")
     print(" calibration data the first time; 'features' includes the forward passes)")
+    groups = collections.Counter(group_of(c) for c in grid)
+    print(f"{'cell group (kind model variant inputs)':52s} {'cells':>6s} {'mean s':>7s} "
+          f"{'projected s':>11s}")  # fmt: skip
+    for key, times in sorted(
+        per_group.items(), key=lambda kv: -sum(kv[1]) / len(kv[1]) * groups[kv[0]]
+    ):
+        mean = sum(times) / len(times)
+        print(f"{key:52s} {groups[key]:6d} {mean:7.3f} {mean * groups[key]:11.0f}")
     projected = 0.0
     for kind, times in sorted(per_kind.items()):
         mean = sum(times) / len(times)

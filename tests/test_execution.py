@@ -19,10 +19,10 @@ import torch
 from fixtures.net import free_port
 from fixtures.studies import write_smoke
 
-from mapex_analysis.study.execution import cluster_kind, job_script
+from mapex_analysis.study.execution import cluster_kind, dask_client, job_script
 from mapex_analysis.study.results import cell_file_problem, finished_cells, read_results
 from mapex_analysis.study.runner import plan_grid, run_study
-from mapex_analysis.study.schema import StudyError, load_study, parse_study
+from mapex_analysis.study.schema import ExecutionConfig, StudyError, load_study, parse_study
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [str(Path(sys.executable).with_name("mapex-study"))]
@@ -263,3 +263,19 @@ def test_slurm_environment_ddp_ranks_hold_identical_weights(tmp_path: Path) -> N
 def test_serial_reference_is_not_empty(serial: pd.DataFrame) -> None:
     # the equality checks above compare against this table: it must hold the whole grid
     assert serial["cell"].nunique() == 42 and len(serial) > 500
+
+
+def _worker_environ() -> dict[str, str | None]:
+    return {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")}
+
+
+def test_local_workers_keep_the_allocators_own_trim_threshold() -> None:
+    """Dask's nanny exports MALLOC_TRIM_THRESHOLD_=65536, which made every freed activation go
+    back to the OS and fault in again (29 % kernel time); local workers start without it."""
+    import dask
+    import distributed  # noqa: F401  (registers the distributed.* config)
+
+    assert dask.config.get("distributed.nanny.pre-spawn-environ")["MALLOC_TRIM_THRESHOLD_"]
+    with dask_client(ExecutionConfig(cluster="local:1", threads_per_worker=1)) as client:
+        (env,) = client.run(_worker_environ).values()
+    assert env == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}

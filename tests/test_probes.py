@@ -450,3 +450,28 @@ def test_extract_features_on_register_token_vit_and_croma() -> None:
     sar = {"sar": rng.uniform(-20.0, -5.0, (2, 2, 16, 16)).astype(np.float32)}
     with pytest.raises(ValueError, match=r"CROMAAdapter has no CLS token .* use pool='mean'"):
         extract_features(croma, sar, modalities=["sar"], pool="cls")
+
+
+def test_features_and_routing_do_not_depend_on_the_batch_size() -> None:
+    """The study's ``data.batch_size`` is a speed setting (64 by default: larger batches of
+    six-modality scenes page-fault every activation): features and routing counts of a MoE
+    model are the same at any batch size."""
+    from mapex_analysis.data import SynthEO
+    from mapex_analysis.factory import create_model
+    from mapex_analysis.measure.specialization import collect_routing
+
+    torch.manual_seed(0)
+    model = create_model("mapex_test").eval()
+    data = SynthEO("landcover", "test", n=40, img_size=16, cache=False).arrays()
+    mods = ["rgb", "sar", "ele"]
+    feats = [extract_features(model, data, modalities=mods, batch_size=b)["data"].X
+             for b in (40, 16, 7)]  # fmt: skip
+    assert feats[0].shape[0] == 40
+    for other in feats[1:]:
+        np.testing.assert_allclose(other, feats[0], rtol=0, atol=1e-6)
+    counts = [collect_routing(model, data, modalities=mods, batch_size=b) for b in (40, 7)]
+    assert len(counts[0]) == 2  # mapex_test: two MoE blocks
+    for a, b in zip(*counts, strict=True):
+        assert a is not None and b is not None
+        np.testing.assert_array_equal(a.counts, b.counts)
+        assert int(a.counts.sum()) > 0

@@ -316,7 +316,7 @@ def extract_features(
     *,
     modalities: Sequence[str],
     pool: Pool | None = None,
-    batch_size: int = 256,
+    batch_size: int = 64,
     cache_dir: str | Path | None = None,
     cache_key: str | None = None,
     precision: str = "fp32",

@@ -299,7 +299,7 @@ def collect_routing(
     data: Mapping[str, np.ndarray | torch.Tensor],
     *,
     modalities: Sequence[str],
-    batch_size: int = 256,
+    batch_size: int = 64,
 ) -> list[RoutingCounts | None]:
     """Run a MoE model frozen over data and sum its routing counts per layer.
 

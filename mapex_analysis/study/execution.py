@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import dask
+
 from mapex_analysis.study.schema import ExecutionConfig, Study, cluster_kind
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "dask_client",
     "gpu_per_worker",
     "job_script",
+    "local_worker_environ",
     "run_on_dask",
 ]
 
@@ -132,6 +135,22 @@ def gpu_per_worker(gpus: int) -> Any:
     return GpuPerWorker()
 
 
+def local_worker_environ() -> dict[str, Any]:
+    """The environment a local cluster's nanny sets before it spawns a worker: Dask's
+    (``distributed.nanny.pre-spawn-environ``) without ``MALLOC_TRIM_THRESHOLD_``.
+
+    Dask sets that threshold to 64 KiB so that workers hand freed memory back to the OS at
+    once. A cell frees and re-allocates activations of several MB per layer and batch, so
+    with it every tensor is mapped and page-faulted afresh: in the default study 29 % of a
+    two-worker run's CPU time was kernel time (a six-modality feature pass 5.8 s instead of
+    3.8 s, 1.8 M instead of ~0 page faults). Without it glibc keeps its dynamic thresholds and
+    reuses the memory (the worker's peak resident memory is unchanged: the same tensors).
+    """
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    return environ
+
+
 @contextmanager
 def dask_client(execution: ExecutionConfig) -> Iterator[Any]:
     """A ``distributed.Client`` for ``execution.cluster`` (started and closed here).
@@ -159,14 +178,15 @@ def dask_client(execution: ExecutionConfig) -> Iterator[Any]:
     cluster: Any = None
     env = {"OMP_NUM_THREADS": str(execution.threads_per_worker)}
     if kind == "local":
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,  # one cell at a time per worker process
-            processes=True,
-            dashboard_address=None,
-            resources={"GPU": 1} if execution.gpus else None,
-            env=env,
-        )
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": local_worker_environ()}):
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,  # one cell at a time per worker process
+                processes=True,
+                dashboard_address=None,
+                resources={"GPU": 1} if execution.gpus else None,
+                env=env,
+            )
     elif kind in ("slurm", "pbs"):
         try:
             import dask_jobqueue

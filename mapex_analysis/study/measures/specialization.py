@@ -18,7 +18,8 @@ def specialization_rows(m: EvalInputs) -> list[dict[str, Any]]:
     cell = m.cell
     if cell.variant.width is not None or cell.task != m.study.tasks[0] or not is_moe(m.model):
         return []
-    counts = collect_routing(m.model, m.test.arrays(), modalities=cell.modalities)
+    counts = collect_routing(m.model, m.test.arrays(), modalities=cell.modalities,
+                             batch_size=m.study.data.batch_size)  # fmt: skip
     rows = []
     for r in specialization_metrics(counts).rows():
         rows.append(m.row | {
