@@ -161,3 +161,66 @@ def test_mapex_deterministic_router_is_fully_specialised() -> None:
         np.testing.assert_array_equal(ly.entropy[i], [0.0, 0.0, 0.0])
         np.testing.assert_array_equal(ly.own_group_share[i], [1.0, 1.0, 1.0])
         assert np.isnan(ly.own_group_share[ly.modalities.index("nir")])  # not fed
+
+
+def test_study_routing_recorded_by_the_feature_pass_equals_its_own_pass(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An eval cell's specialisation rows come from the routing its test-split feature pass
+    recorded; with features from the cache (no pass) the measure runs one of its own. Both give
+    the same rows, and only the second calls :func:`collect_routing`."""
+    import pandas as pd
+    from fixtures.studies import write_smoke
+
+    from mapex_analysis.study import cells as cells_mod
+    from mapex_analysis.study.context import StudyContext
+    from mapex_analysis.study.grid import plan_grid
+    from mapex_analysis.study.measures import specialization as spec_mod
+    from mapex_analysis.study.schema import load_study
+
+    calls: list[int] = []
+    real = spec_mod.collect_routing
+    monkeypatch.setattr(spec_mod, "collect_routing",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))  # fmt: skip
+    study = load_study(write_smoke(tmp_path))
+    ctx = StudyContext(study)
+    cell = next(c for c in plan_grid(study) if c.kind == "eval" and c.model == "mapex"
+                and c.variant.kind == "base" and c.task == study.tasks[0])  # fmt: skip
+
+    def routing_rows() -> pd.DataFrame:
+        rows = pd.DataFrame(cells_mod.cell_rows(ctx, cell))
+        return rows[rows["protocol"] == "routing"].reset_index(drop=True)
+
+    recorded = routing_rows()  # features extracted: the pass records the routing
+    assert calls == []
+    own_pass = routing_rows()  # features from the cache: a pass of its own
+    assert calls == [1]
+    assert len(recorded) > 10 and set(recorded["metric"]) >= {"mutual_information",
+                                                              "params_active_routed"}  # fmt: skip
+    pd.testing.assert_frame_equal(recorded, own_pass)
+
+
+def test_routing_recorder_counts_equal_collect_routing() -> None:
+    from mapex_analysis.data import SynthEO
+    from mapex_analysis.eval.features import extract_features
+    from mapex_analysis.factory import create_model
+    from mapex_analysis.measure.specialization import RoutingRecorder
+
+    torch.manual_seed(0)
+    model = create_model("mapex_test").eval()
+    data = SynthEO("landcover", "test", n=20, img_size=16, cache=False).arrays()
+    mods = ["rgb", "sar"]
+    with RoutingRecorder(model) as rec:
+        extract_features(model, data, modalities=mods, batch_size=8)
+    assert rec.counts(19) is None  # not the number of samples that passed
+    got = rec.counts(20)
+    ref = collect_routing(model, data, modalities=mods, batch_size=20)
+    assert got is not None and len(got) == len(ref) == 2
+    for a, b in zip(got, ref, strict=True):
+        assert a is not None and b is not None
+        np.testing.assert_array_equal(a.counts, b.counts)
+        assert a.modalities == b.modalities and a.expert_groups == b.expert_groups
+    # top-1: every patch token of every scene is counted once per layer (16 px / patch 8)
+    assert int(got[0].counts.sum()) == 20 * 2 * 4
+    extract_features(model, data, modalities=mods)  # after the block: nothing is recorded
+    assert rec.counts(20) is not None and int(rec.counts(20)[0].counts.sum()) == 160

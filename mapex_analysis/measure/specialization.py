@@ -38,6 +38,7 @@ from torch import nn
 __all__ = [
     "LayerSpecialization",
     "RoutingCounts",
+    "RoutingRecorder",
     "SpecializationReport",
     "collect_routing",
     "modality_entropy_bits",
@@ -294,6 +295,70 @@ def specialization_metrics(stats: Any) -> SpecializationReport:
     return SpecializationReport(tuple(layers))
 
 
+def _add(total: RoutingCounts | None, batch: RoutingCounts) -> RoutingCounts:
+    if total is None:
+        return batch
+    return RoutingCounts(total.counts + batch.counts, total.modalities, total.expert_groups)
+
+
+class RoutingRecorder:
+    """Sums a MoE token model's routing counts over the forward passes that run while it is
+    active, so that a pass the caller makes anyway (feature extraction) also yields what
+    :func:`collect_routing` would collect with a pass of its own.
+
+    It hooks each block's ``mlp``; a mixture returns its routing statistics with its output
+    (``output.stats.counts``, ``(M, E)``), a dense MLP returns a tensor and is skipped::
+
+        with RoutingRecorder(model) as rec:
+            extract_features(model, test_split, modalities=mods)
+        counts = rec.counts(len(test_split))  # None unless exactly that many samples passed
+
+    Args:
+        model: A token model with ``blocks`` (each with an ``mlp``).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.blocks = list(getattr(model, "blocks", ()))
+        self.totals: list[RoutingCounts | None] = [None] * len(self.blocks)
+        self.samples = 0
+        self._handles: list[Any] = []
+        self._first: int | None = None
+
+    def __enter__(self) -> RoutingRecorder:
+        for i, block in enumerate(self.blocks):
+            mlp = getattr(block, "mlp", None)
+            if isinstance(mlp, nn.Module):
+                self._handles.append(mlp.register_forward_hook(self._hook(i)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, i: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            st = getattr(output, "stats", None)
+            if st is None or getattr(st, "counts", None) is None:
+                return
+            if self._first is None:
+                self._first = i
+            if i == self._first:
+                self.samples += int(args[0].shape[0])
+            batch = RoutingCounts(_counts(st.counts).astype(np.int64), tuple(st.modalities),
+                                  tuple(st.expert_groups))  # fmt: skip
+            self.totals[i] = _add(self.totals[i], batch)
+
+        return hook
+
+    def counts(self, samples: int) -> list[RoutingCounts | None] | None:
+        """Per-block counts (``None`` for blocks without a mixture), or ``None`` when the
+        passes did not cover exactly ``samples`` samples (e.g. features came from the cache)."""
+        if self._first is None or self.samples != samples:
+            return None
+        return list(self.totals)
+
+
 def collect_routing(
     model: nn.Module,
     data: Mapping[str, np.ndarray | torch.Tensor],
@@ -348,11 +413,9 @@ def collect_routing(
                     totals = batch
                     continue
                 totals = [
-                    None if a is None or b is None else RoutingCounts(
-                        a.counts + b.counts, a.modalities, a.expert_groups
-                    )
+                    None if a is None or b is None else _add(a, b)
                     for a, b in zip(totals, batch, strict=True)
-                ]  # fmt: skip
+                ]
     finally:
         model.train(was_training)
     if totals is None:

@@ -8,6 +8,8 @@ which receive the features and probe results (:mod:`mapex_analysis.study.measure
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 from typing import Any
@@ -17,6 +19,7 @@ from torch import nn
 from mapex_analysis.eval.features import extract_features
 from mapex_analysis.eval.finetune import finetune
 from mapex_analysis.eval.probes import run_probe
+from mapex_analysis.measure.specialization import RoutingRecorder
 from mapex_analysis.modalities import unit_checks
 from mapex_analysis.ops.record import applied_ops
 from mapex_analysis.study.context import StudyContext, seed_everything
@@ -24,6 +27,7 @@ from mapex_analysis.study.grid import Cell
 from mapex_analysis.study.measures import rows_function, selected
 from mapex_analysis.study.measures.base import CostInputs, EvalInputs, base_row
 from mapex_analysis.study.measures.cost import pruning_rows
+from mapex_analysis.study.measures.specialization import measures_routing
 from mapex_analysis.study.provenance import model_fingerprint
 from mapex_analysis.study.schema import ModelConfig
 
@@ -109,9 +113,7 @@ def _eval_rows(ctx: StudyContext, cell: Cell) -> list[dict[str, Any]]:
         # of them, which would describe the untrained initialisation
         return _probe_rows(EvalInputs(ctx, cell, model, row, train=train, test=test,
                                       task=train.task))  # fmt: skip
-    feats = extract_features(
-        model,
-        {"train": train, "test": test},
+    kw: dict[str, Any] = dict(
         modalities=cell.modalities,
         pool="patch" if train.task.kind == "segmentation" else None,
         batch_size=study.data.batch_size,
@@ -119,8 +121,15 @@ def _eval_rows(ctx: StudyContext, cell: Cell) -> list[dict[str, Any]]:
         cache_key=feature_cache_key(study.models[cell.model], cell, model),
         precision=study.precision,
     )
+    feats = extract_features(model, {"train": train}, **kw)
+    # the test pass also records the routing the specialisation measure reads (no pass of
+    # its own), unless its features come from the cache
+    recorder = RoutingRecorder(model)
+    with recorder if measures_routing(study, cell, model) else contextlib.nullcontext():
+        test_feats = extract_features(model, {"test": test}, **kw)
+    feats = dataclasses.replace(feats, splits={**feats.splits, **test_feats.splits})
     m = EvalInputs(ctx, cell, model, row, train=train, test=test, task=train.task,
-                   features=feats)  # fmt: skip
+                   features=feats, routing=recorder.counts(len(test)))  # fmt: skip
     rows = _probe_rows(m)
     for name in selected(study.measurements, "eval"):
         rows += rows_function(name)(m)

@@ -72,6 +72,8 @@ class EvalInputs(CostInputs):
         task: The task definition.
         features: Frozen features of both splits.
         probes: Probe results by protocol (``knn``, ``linear``), as far as they ran.
+        routing: Per-block routing counts the test split's feature pass recorded (``None``:
+            not recorded, e.g. features from the cache).
     """
 
     train: Any = None
@@ -79,3 +81,4 @@ class EvalInputs(CostInputs):
     task: TaskSpec | None = None
     features: Features | None = None
     probes: dict[str, ProbeResult] = field(default_factory=dict)
+    routing: list[Any] | None = None
