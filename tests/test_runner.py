@@ -274,3 +274,19 @@ def test_supervised_model_is_trained_from_scratch_and_validated(tmp_path: Path, 
                      ({**sup, "source": "models/vit_mae_tiny"}, "trained from scratch")):  # fmt: skip
         with pytest.raises(StudyError, match=msg):
             load_study(smoke_yaml(models={"scratch": bad}))
+
+
+def test_cell_files_with_differing_column_types_still_read(tmp_path: Path) -> None:
+    """Cell files are read as one Arrow table; files whose column types differ (a file from
+    an older version) fall back to pandas and give the same table."""
+    rows = [{"model": "m", "metric": "accuracy", "value": 0.5 + i / 10, "layer": i, "seed": 0}
+            for i in range(3)]  # fmt: skip
+    write_cell(tmp_path, "a" * 20, rows)
+    write_cell(tmp_path, "b" * 20, [dict(r, model="n") for r in rows])
+    same = read_results(tmp_path)
+    assert len(same) == 6 and same["layer"].dtype == "int64"
+    other = tmp_path / "cells" / f"{'b' * 20}.parquet"
+    df = pd.read_parquet(other)
+    df.astype({"layer": "float64"}).to_parquet(other, index=False)  # int64 -> double
+    mixed = read_results(tmp_path)
+    pd.testing.assert_frame_equal(mixed, same)

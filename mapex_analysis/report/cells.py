@@ -49,10 +49,11 @@ def td(
 
 
 def _select(df: pd.DataFrame, eq: Mapping[str, Any]) -> pd.DataFrame:
-    m = df
+    # one boolean mask, one row selection (not a filtered copy of the frame per column)
+    mask: Any = True
     for k, v in eq.items():
-        m = m[m[k] == v]
-    return m
+        mask = mask & (df[k] == v).to_numpy()
+    return df if mask is True else df[mask]
 
 
 def interval(df: pd.DataFrame, **eq: Any) -> tuple[float, float]:

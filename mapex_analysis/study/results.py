@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mapex_analysis.files import atomic_write, remove_orphaned_temp_files
@@ -211,7 +212,11 @@ def read_results(study_dir: str | Path) -> pd.DataFrame:
     # a corrupt file is skipped with a warning here (the next run removes and recomputes it)
     files = _cell_files(folder / "cells", remove=False) if (folder / "cells").is_dir() else []
     if files:
-        df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        try:  # one Arrow table, converted once (about twice as fast as a frame per file)
+            tables = [pq.read_table(f) for f in files]
+            df = pa.concat_tables(tables, promote_options="default").to_pandas()
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # cell files whose column types differ
+            df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
     elif (folder / "results.parquet").is_file():
         df = pd.read_parquet(folder / "results.parquet")
     elif folder.is_dir():
