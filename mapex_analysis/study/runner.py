@@ -27,7 +27,7 @@ from mapex_analysis.device import check_device_spec
 from mapex_analysis.models.contract import modalities_of
 from mapex_analysis.study.cells import cell_rows, feature_cache_key
 from mapex_analysis.study.context import StudyContext
-from mapex_analysis.study.execution import cluster_kind, run_on_dask
+from mapex_analysis.study.execution import cluster_kind, reuse_freed_memory, run_on_dask
 from mapex_analysis.study.grid import (
     Cell,
     Variant,
@@ -140,6 +140,7 @@ def execute_cell(study: Study, cell: Cell, cell_id: str) -> bool:
     key = study.model_dump_json()
     ctx = _WORKER_CONTEXTS.get(key)
     if ctx is None:
+        reuse_freed_memory()  # whatever MALLOC_* variables the worker was started with
         _WORKER_CONTEXTS.clear()  # one study at a time per worker
         ctx = _WORKER_CONTEXTS[key] = StudyContext(study)
     _compute(ctx, cell, cell_id)
