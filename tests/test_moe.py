@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from mapex_analysis.models.moe import MoEMLP, Router
 
@@ -311,6 +312,30 @@ def test_fused_inference_dispatch_equals_the_definition(
         moe.shared_experts[0].fc2.bias.add_(1.0)
         moved = moe(x, idx, MODS, pos).out
     assert torch.allclose(moved, fused + 1.0, atol=1e-5)
+
+
+def test_fused_weights_are_stacked_once_and_rebuilt_when_an_expert_changes() -> None:
+    torch.manual_seed(0)
+    moe = MoEMLP(16, 24, MODS, experts_per_modality=2, router="modality").eval()
+    x, idx, pos = _inputs()
+    with torch.no_grad():
+        plan = moe._fused_plan()
+        assert plan is not None and moe._fused_plan() is plan  # reused while nothing changed
+        moe(x, idx, MODS, pos)
+        assert moe._fused_plan() is plan
+        # a replaced expert layer (what slimming does) is picked up: new stacked weights
+        moe.experts[1].fc1 = nn.Linear(16, 24)
+        rebuilt = moe._fused_plan()
+        assert rebuilt is not None and rebuilt is not plan
+        assert rebuilt.experts[1][0].shape == (48, 16)  # shared + expert 1 fc1 rows
+        torch.testing.assert_close(rebuilt.experts[1][0][24:], moe.experts[1].fc1.weight)
+        out = moe(x, idx, MODS, pos).out
+        ref = _dense_reference(moe, x, idx, pos)
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    # a hidden norm makes the layer unfusable (the module path runs it)
+    moe.experts[0].norm = nn.LayerNorm(24)
+    with torch.no_grad():
+        assert moe._fused_plan() is None
 
 
 def test_fused_dispatch_is_only_taken_at_inference_with_top_1() -> None:

@@ -199,6 +199,35 @@ class Routing:
     selected: torch.Tensor
 
 
+@dataclass(frozen=True)
+class _FusedPlan:
+    """Stacked weights of one MoE layer's fused inference dispatch (see
+    :meth:`MoEMLP._fused_plan`).
+
+    Attributes:
+        objs: The experts, their norms, activations and parameters it was built from (compared
+            by identity).
+        stamp: ``data_ptr`` and ``_version`` of each of those parameters.
+        act: The experts' common activation.
+        hs: Hidden units of the shared experts (the first ``hs`` rows of every stacked ``fc1``).
+        rest: ``(fc1 weight, fc1 bias, fc2 weight transposed, fc2 bias)`` of the shared experts
+            alone.
+        experts: Per routed expert, the shared experts' and its own layers stacked: ``(fc1
+            weight, fc1 bias, fc2 weight transposed, shared fc2 bias, expert fc2 bias, their
+            sum)``.
+    """
+
+    objs: tuple[object, ...]
+    stamp: tuple[int, ...]
+    act: Any
+    hs: int
+    rest: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    experts: tuple[
+        tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        ...,
+    ]
+
+
 class RouterProj(nn.Linear):
     """``nn.Linear(D, E)`` for router logits, computed as ``(W @ x^T)^T``.
 
@@ -425,9 +454,9 @@ class MoEMLP(nn.Module):
             tuple[object, ...], tuple[torch.Tensor, torch.Tensor, tuple[bool, ...]]
         ] = {}
         self._group_cache: dict[tuple[object, ...], torch.Tensor] = {}
-        # fused inference weights per routed expert (None: shared experts only), keyed by the
-        # parameters' storage and version (see _fused_weights); not part of the state dict
-        self._fused_cache: dict[int | None, tuple[object, tuple]] = {}
+        # fused inference weights, rebuilt when a parameter is replaced or changed (see
+        # _fused_plan); not part of the state dict
+        self._plan: _FusedPlan | None = None
 
     @property
     def num_experts(self) -> int:
@@ -468,109 +497,153 @@ class MoEMLP(nn.Module):
         return hit
 
     def _fusable(self) -> bool:
-        """Whether :meth:`forward` may take the fused inference dispatch: eval mode without
-        gradients, top-1 routing, at least one shared expert, and every expert a timm ``Mlp``
-        with biases, no hidden norm and the same activation (what pruning and slimming
-        produce from the layer's own experts); never inside :func:`module_dispatch` or a
-        ``torch.jit`` trace."""
+        """Whether :meth:`forward` takes the fused inference dispatch (see :meth:`_fused_plan`)."""
+        return self._fused_plan() is not None
+
+    def _fused_plan(self) -> _FusedPlan | None:
+        """The stacked weights of the fused inference dispatch, or ``None`` where it may not be
+        taken: it needs eval mode without gradients or autocast, top-1 routing, at least one
+        shared expert, and every expert a timm ``Mlp`` of ``nn.Linear`` layers with biases, no
+        hidden norm and the same activation (what pruning and slimming produce from the
+        layer's own experts); never inside :func:`module_dispatch` or a ``torch.jit`` trace.
+
+        The plan is rebuilt whenever an expert, one of its layers or a parameter is replaced,
+        moved or changed in place (checked on every call by identity, storage and version;
+        a few microseconds, against the ~100 microseconds of rebuilding the check per expert).
+        """
         if self.training or torch.is_grad_enabled() or self.top_k != 1:
-            return False
+            return None
         if getattr(_UNFUSED, "on", False) or torch.jit.is_tracing():
-            return False
-        mlps = [*self.shared_experts, *self.experts]
-        if not self.shared_experts or not all(type(m) is Mlp for m in mlps):
-            return False
+            return None
+        shared = self.shared_experts._modules
+        if not shared:
+            return None
+        objs: list[object] = []
+        stamp: list[int] = []
+        for group in (shared, self.experts._modules):
+            for m in group.values():
+                if type(m) is not Mlp:
+                    return None
+                mods = m._modules
+                objs += (m, mods["norm"], mods["act"])
+                for lin in (mods["fc1"], mods["fc2"]):
+                    if not isinstance(lin, nn.Linear):
+                        return None
+                    for p in (lin._parameters["weight"], lin._parameters["bias"]):
+                        if p is None:
+                            return None
+                        objs.append(p)
+                        stamp += (p.data_ptr(), p._version)
+        device = objs[3]  # the first shared fc1 weight
+        if torch.is_autocast_enabled(cast(torch.Tensor, device).device.type):
+            return None
+        plan = self._plan
+        if (
+            plan is not None
+            and plan.stamp == tuple(stamp)
+            and len(plan.objs) == len(objs)
+            and all(a is b for a, b in zip(plan.objs, objs, strict=True))
+        ):
+            return plan
+        self._plan = plan = self._build_plan(objs, stamp)
+        return plan
+
+    def _build_plan(self, objs: list[object], stamp: list[int]) -> _FusedPlan | None:
+        """Stack the shared experts' weights with each routed expert's (see :class:`_FusedPlan`);
+        ``None`` if the experts differ in activation or have a hidden norm."""
+        mlps: list[Any] = [*self.shared_experts, *self.experts]
         act = type(mlps[0].act), getattr(mlps[0].act, "approximate", None)
-        return all(
+        if not all(
             isinstance(m.norm, nn.Identity)
-            and m.fc1.bias is not None
-            and m.fc2.bias is not None
             and (type(m.act), getattr(m.act, "approximate", None)) == act
             for m in mlps
+        ):
+            return None
+        shared: list[Any] = list(self.shared_experts)
+        hs = sum(int(m.fc1.weight.shape[0]) for m in shared)
+        b2 = torch.stack([m.fc2.bias for m in shared]).sum(dim=0)
+
+        def stacked(extra: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            group = [*shared, *extra]
+            w1 = torch.cat([m.fc1.weight for m in group])
+            b1 = torch.cat([m.fc1.bias for m in group])
+            w2 = torch.cat([m.fc2.weight for m in group], dim=1)
+            return w1, b1, w2.t()
+
+        routed: list[Any] = list(self.experts)
+        experts = tuple((*stacked([e]), b2, e.fc2.bias, b2 + e.fc2.bias) for e in routed)
+        return _FusedPlan(
+            objs=tuple(objs),
+            stamp=tuple(stamp),
+            act=mlps[0].act,
+            hs=hs,
+            rest=(*stacked([]), b2),
+            experts=experts,
         )
 
     def _fused_dispatch(
         self,
+        plan: _FusedPlan,
         flat: torch.Tensor,
-        xs: torch.Tensor,
-        tok: torch.Tensor | None,
+        eid: torch.Tensor,
         sizes: list[int],
         top_logit: torch.Tensor,
-        selected: torch.Tensor,
     ) -> torch.Tensor:
         """The layer's output at inference with the shared experts folded into each routed
         expert's GEMMs: the tokens of routed expert ``e`` go through one ``fc1`` of the shared
         experts' and ``e``'s rows stacked, the activation, the gate on ``e``'s hidden units
         (and its ``fc2`` bias), and one ``fc2`` of their columns side by side, so a token costs
         two GEMMs instead of two per expert it passes; tokens no routed expert takes (CLS, a
-        modality without experts) pass the shared experts alone. The same products are
-        computed as on the module path (equal within float rounding; MACs unchanged, no
-        padding).
+        modality without experts) pass the shared experts alone. The tokens are sorted by
+        expert once (rest last), gathered once, every group writes its contiguous slice of one
+        output buffer, and one ``index_copy_`` puts them back in place (no sort, gather or
+        scatter when one group holds every token). The same products are computed as on the
+        module path (equal within float rounding; MACs unchanged, no padding).
 
         Args:
+            plan: The layer's stacked weights (:meth:`_fused_plan`).
             flat: ``(T, D)`` tokens.
-            xs: The routed tokens sorted by expert (``tok`` their positions), or empty.
-            tok: Positions of ``xs`` in ``flat``.
+            eid: ``(T, 1)`` routed expert of each token, ``E`` for tokens no expert takes.
             sizes: Tokens per routed expert, in expert order.
-            top_logit: ``(T, 1)`` logit of each token's expert (sorted like ``flat``).
-            selected: ``(T, 1)`` whether the token is routed.
+            top_logit: ``(T, 1)`` logit of each token's expert.
 
         Returns:
             ``(T, D)`` output.
         """
-        act: Any = self.shared_experts[0].act
-        out = torch.empty_like(flat)
-        rest = (~selected[:, 0]).nonzero().squeeze(1)
-        if rest.numel():
-            w1, b1, w2, b2, _, _ = self._fused_weights(None)
-            h = act(F.linear(flat.index_select(0, rest), w1, b1))
-            out.index_copy_(0, rest, F.linear(h, w2, b2).to(out.dtype))
-        if tok is None:
-            return out
-        gated = self.router.kind != "deterministic"
-        gates = torch.sigmoid(top_logit[:, 0].index_select(0, tok)) if gated else None
+        T = flat.shape[0]
+        n_sel = sum(sizes)
+        groups: list[tuple[int | None, int]] = [(i, n) for i, n in enumerate(sizes) if n]
+        if n_sel < T:
+            groups.append((None, T - n_sel))
+        order: torch.Tensor | None = None
+        xs = flat
+        if len(groups) > 1:
+            order = torch.argsort(eid.reshape(-1), stable=True)
+            xs = flat.index_select(0, order)
+        gates: torch.Tensor | None = None
+        if n_sel and self.router.kind != "deterministic":
+            logit = top_logit.reshape(-1)
+            gates = torch.sigmoid(logit if order is None else logit.index_select(0, order[:n_sel]))
+        act, hs = plan.act, plan.hs
+        ys = torch.empty_like(xs)
         start = 0
-        for i, n in enumerate(sizes):
-            if not n:
-                continue
-            w1, b1, w2, b2, b2_e, hs = self._fused_weights(i)
-            x_e, t_e = xs[start : start + n], tok[start : start + n]
-            h = act(F.linear(x_e, w1, b1))  # (n, shared hidden + expert hidden)
-            if gates is None:
-                y = F.linear(h, w2, b2 + b2_e)
+        for i, n in groups:
+            x_g, y_g = xs[start : start + n], ys[start : start + n]
+            if i is None:
+                w1, b1, w2t, b2 = plan.rest
+                torch.addmm(b2, act(F.linear(x_g, w1, b1)), w2t, out=y_g)
             else:
-                g = gates[start : start + n].unsqueeze(-1).to(h.dtype)
-                h[:, hs:].mul_(g)  # the gate on the expert's hidden units ...
-                y = torch.addcmul(F.linear(h, w2, b2), g, b2_e.to(h.dtype))  # ... and bias
-            out.index_copy_(0, t_e, y.to(out.dtype))
+                w1, b1, w2t, b2, b2_e, b2_sum = plan.experts[i]
+                h = act(F.linear(x_g, w1, b1))  # (n, shared hidden + expert hidden)
+                if gates is None:  # deterministic: gate 1
+                    torch.addmm(b2_sum, h, w2t, out=y_g)
+                else:
+                    g = gates[start : start + n].unsqueeze(-1)
+                    h[:, hs:].mul_(g)  # the gate on the expert's hidden units ...
+                    torch.addmm(b2, h, w2t, out=y_g)
+                    y_g.addcmul_(g, b2_e)  # ... and on its fc2 bias
             start += n
-        return out
-
-    def _fused_weights(
-        self, expert: int | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """``(fc1 weight, fc1 bias, fc2 weight, shared fc2 bias, expert fc2 bias, shared
-        hidden)`` of the shared experts stacked with routed expert ``expert`` (``None``: the
-        shared experts alone), cached until a weight is replaced or changed in place."""
-        mlps: list[Any] = [
-            *self.shared_experts,
-            *([] if expert is None else [self.experts[expert]]),
-        ]
-        params = [p for m in mlps for p in (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias)]
-        key = (expert, tuple((p.data_ptr(), p._version, p.shape) for p in params))
-        hit = self._fused_cache.get(expert)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        shared: list[Any] = list(self.shared_experts)
-        hs = sum(int(m.fc1.weight.shape[0]) for m in shared)
-        w1 = torch.cat([m.fc1.weight for m in mlps])
-        b1 = torch.cat([m.fc1.bias for m in mlps])
-        w2 = torch.cat([m.fc2.weight for m in mlps], dim=1)
-        b2 = torch.stack([m.fc2.bias for m in shared]).sum(dim=0)
-        b2_e = mlps[-1].fc2.bias if expert is not None else torch.zeros_like(b2)
-        value = (w1, b1, w2, b2, b2_e, hs)
-        self._fused_cache[expert] = (key, value)
-        return value
+        return ys if order is None else torch.empty_like(flat).index_copy_(0, order, ys)
 
     def _group_index(self, device: torch.device) -> torch.Tensor:
         """``(E,)`` index of each routed expert's group (groups in order of first appearance);
@@ -678,9 +751,9 @@ class MoEMLP(nn.Module):
         idx = modality_index.reshape(B * N)
         M, E = len(mods), self.num_experts
 
-        fused = E > 0 and self._fusable()
+        plan = self._fused_plan() if E > 0 else None
         out: torch.Tensor | None = None
-        for shared in () if fused else self.shared_experts:
+        for shared in () if plan is not None else self.shared_experts:
             y_s = shared(flat)
             out = y_s if out is None else out + y_s
         if E == 0:
@@ -707,11 +780,9 @@ class MoEMLP(nn.Module):
         rows = table.tolist()
         sizes = [sum(col) for col in zip(*rows[1:], strict=True)][:E] if M else [0] * E
         n_sel = sum(sizes)
-        # routed tokens: every token of a routed modality row (each has k slots in its row)
-        n_routed = sum(sum(r) for r, on in zip(rows[1:], routed_rows, strict=True) if on) // k
-        tok: torch.Tensor | None = None
-        xs = flat[:0]
-        if n_sel > 0:
+        if plan is not None:
+            out = self._fused_dispatch(plan, flat, eid, sizes, top_logit)
+        elif n_sel > 0:
             # Sort the (token, slot) assignments by expert: each expert's tokens become one
             # contiguous slice of a single gather; unused slots (E) sort last and are cut.
             if sum(1 for s in sizes if s) == 1:  # one expert: its slots in order, no sort
@@ -722,9 +793,6 @@ class MoEMLP(nn.Module):
                     order = order[:n_sel]
             tok = order if k == 1 else torch.div(order, k, rounding_mode="floor")
             xs = flat.index_select(0, tok)
-        if fused:
-            out = self._fused_dispatch(flat, xs, tok, sizes, top_logit, selected)
-        elif tok is not None:
             ys: list[torch.Tensor] = []
             start = 0
             for expert, n in zip(self.experts, sizes, strict=True):
@@ -748,6 +816,8 @@ class MoEMLP(nn.Module):
         )
         if not with_aux:
             return MoEOutput(out=out.reshape(B, N, D), aux_loss=None, stats=stats)
+        # routed tokens: every token of a routed modality row (each has k slots in its row)
+        n_routed = sum(sum(r) for r, on in zip(rows[1:], routed_rows, strict=True) if on) // k
         # Switch load-balance loss, a training signal only: f_e from the counts, P_e the mean
         # over routed tokens of the softmax over the allowed experts (dim 0 of the (E, T) view
         # is the fast softmax layout on CPU).
