@@ -596,8 +596,8 @@ class MoEMLP(nn.Module):
         two GEMMs instead of two per expert it passes; tokens no routed expert takes (CLS, a
         modality without experts) pass the shared experts alone. The tokens are sorted by
         expert once (rest last), gathered once, every group writes its contiguous slice of one
-        output buffer, and one ``index_copy_`` puts them back in place (no sort, gather or
-        scatter when one group holds every token). The same products are computed as on the
+        output buffer, and one gather with the inverse permutation puts them back in place (no
+        sort and no gather when one group holds every token). The same products are computed as on the
         module path (equal within float rounding; MACs unchanged, no padding).
 
         Args:
@@ -643,7 +643,12 @@ class MoEMLP(nn.Module):
                     torch.addmm(b2, h, w2t, out=y_g)
                     y_g.addcmul_(g, b2_e)  # ... and on its fc2 bias
             start += n
-        return ys if order is None else torch.empty_like(flat).index_copy_(0, order, ys)
+        if order is None:
+            return ys
+        # back in token order by gathering with the inverse permutation (a gather is about
+        # twice as fast as index_copy_ on CPU; the same rows are copied either way)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T, device=order.device))
+        return ys.index_select(0, inverse)
 
     def _group_index(self, device: torch.device) -> torch.Tensor:
         """``(E,)`` index of each routed expert's group (groups in order of first appearance);
