@@ -18,9 +18,10 @@ A fourth model is the deployment case: ``pruned``, the same MAPEX pruned (``stat
 modality it is fed, so only that modality's expert group, the shared experts and its patch
 embedding remain; its ratio to the same dense twin is printed too (target the same).
 
-All models are timed side by side in one process, in alternating rounds (so drifts in machine
-load hit both), at batch 64 on CPU, for each router's checkpoint in turn (modality,
-deterministic, pos_embed). The script prints the ratios of medians and exits with status 1 if
+All models are timed side by side in one process, one call of each in turn (so drifts in
+machine load hit all of them), at batch 64 on CPU, for each router's checkpoint in turn
+(modality, deterministic, pos_embed). The script prints the median over turns of each turn's
+ratio (with its interquartile range) and exits with status 1 if
 one exceeds its target (unpruned 1.10, pruned 1.05), naming the routers that missed::
 
     .venv/bin/python benchmarks/bench_moe_latency.py [--model M] [--router R ...] [--modality sar]
@@ -143,8 +144,8 @@ def bench(argv: list[str] | None = None) -> int:
     parser.add_argument("--router", default=None, help="Router kind override (default: model's).")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=10, help="turns = rounds x repeats")
     parser.add_argument("--target", type=float, default=1.10, help="unpruned MAPEX / dense")
     parser.add_argument("--target-pruned", type=float, default=1.05, help="pruned / dense")
     args = parser.parse_args(argv)
@@ -172,22 +173,34 @@ def bench(argv: list[str] | None = None) -> int:
     floor = split_floor(mapex, x)
     pruned = prune_experts(mapex, [args.modality]).eval()
     macs_pruned = count_macs(pruned, x, cross_check=False).total
-    medians: dict[str, list[float]] = {"mapex": [], "dense": [], "floor": [], "pruned": []}
-    for _ in range(args.rounds):
-        for name, model, inp in (
-            ("mapex", mapex, x),
-            ("dense", dense, dense_x),
-            ("floor", floor, x),
-            ("pruned", pruned, x),
-        ):
-            rep = measure_latency(model, inp, warmup=2, repeats=args.repeats, threads=args.threads)
-            medians[name].append(rep.points[0].median_ms)
-    t_mapex = statistics.median(medians["mapex"])
-    t_dense = statistics.median(medians["dense"])
-    t_floor = statistics.median(medians["floor"])
-    t_pruned = statistics.median(medians["pruned"])
-    ratio = t_mapex / t_dense
-    ratio_pruned = t_pruned / t_dense
+    models = (
+        ("mapex", mapex, x),
+        ("dense", dense, dense_x),
+        ("floor", floor, x),
+        ("pruned", pruned, x),
+    )
+    for _, model, inp in models:
+        measure_latency(model, inp, warmup=2, repeats=1, threads=args.threads)
+    # One call per model in turn, rounds x repeats times: the four calls of one turn run within
+    # ~0.2 s of each other, so the machine's load swings (seconds long on a shared VM) hit them
+    # alike; a ratio is the median over turns of that turn's ratio.
+    times: dict[str, list[float]] = {name: [] for name, _, _ in models}
+    for _ in range(args.rounds * args.repeats):
+        for name, model, inp in models:
+            rep = measure_latency(model, inp, warmup=0, repeats=1, threads=args.threads)
+            times[name].append(rep.points[0].median_ms)
+    t_mapex, t_dense, t_floor, t_pruned = (
+        statistics.median(times[n]) for n in ("mapex", "dense", "floor", "pruned")
+    )
+
+    def paired(name: str) -> tuple[float, float, float]:
+        """Median and interquartile range over turns of the turn's ratio to dense."""
+        r = [a / b for a, b in zip(times[name], times["dense"], strict=True)]
+        q1, _, q3 = statistics.quantiles(r, n=4)
+        return statistics.median(r), q1, q3
+
+    ratio, lo, hi = paired("mapex")
+    ratio_pruned, lo_p, hi_p = paired("pruned")
     print(
         f"{args.model} (router {getattr(mapex, 'router_kind', '?')}) fed {args.modality!r}, batch {args.batch_size}, {args.threads} thread(s), "
         f"torch {torch.__version__}"
@@ -197,8 +210,9 @@ def bench(argv: list[str] | None = None) -> int:
     print(f"  pruned: {t_pruned:8.2f} ms  {macs_pruned / 1e6:9.2f} M MACs "
           f"(static, to {args.modality!r})")  # fmt: skip
     print(f"  split floor (same expert GEMMs, no routing): {t_floor:8.2f} ms")
-    print(f"  ratio MAPEX / dense = {ratio:.3f} (target <= {args.target})")
-    print(f"  ratio pruned MAPEX / dense = {ratio_pruned:.3f} (target <= {args.target_pruned})")
+    print(f"  ratio MAPEX / dense = {ratio:.3f} (IQR {lo:.3f}-{hi:.3f}; target <= {args.target})")
+    print(f"  ratio pruned MAPEX / dense = {ratio_pruned:.3f} (IQR {lo_p:.3f}-{hi_p:.3f}; "
+          f"target <= {args.target_pruned})")  # fmt: skip
     print(
         f"  of which splitting tokens over experts: floor / dense = {t_floor / t_dense:.3f}; "
         f"routing and dispatch: MAPEX / floor = {t_mapex / t_floor:.3f}"

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from mapex_analysis.measure import latency
 from mapex_analysis.measure.latency import measure_latency, resize_batch
 
 
@@ -81,6 +82,13 @@ def test_threads_recorded_and_restored() -> None:
     assert torch.get_num_threads() == before
     assert report.point(3).batch_size == 3  # default: the inputs' batch size
     assert report.points[0].median_ms > 0
+
+
+def test_cpu_timings_first_make_the_allocator_reuse_freed_memory(monkeypatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(latency, "reuse_freed_memory", lambda: calls.append(1) or True)
+    measure_latency(_Recorder(), {"rgb": torch.rand(2, 3, 2, 2)}, warmup=0, repeats=2)
+    assert calls == [1]  # once per measurement, before the timed passes
 
 
 def test_resize_batch_slices_and_tiles() -> None:

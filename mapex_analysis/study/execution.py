@@ -22,8 +22,6 @@ Two runs racing on one cell both write the same rows to the same file name: one 
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 import os
 import time
@@ -33,6 +31,7 @@ from typing import Any
 
 import dask
 
+from mapex_analysis.memory import reuse_freed_memory
 from mapex_analysis.study.schema import ExecutionConfig, Study, cluster_kind
 
 __all__ = [
@@ -152,35 +151,6 @@ def local_worker_environ() -> dict[str, Any]:
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
     environ.pop("MALLOC_TRIM_THRESHOLD_", None)
     return environ
-
-
-#: glibc ``mallopt`` parameters (malloc.h) and the values :func:`reuse_freed_memory` sets: blocks
-#: up to 32 MiB (glibc's largest mmap threshold) come from the heap, and up to 1 GiB of free
-#: memory at its top stays mapped.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD, _TRIM_THRESHOLD = 32 * 1024 * 1024, 1 << 30
-
-
-@functools.cache
-def reuse_freed_memory() -> bool:
-    """Make this process's allocator keep and reuse freed memory (glibc only; once per process).
-
-    A worker whose environment sets ``MALLOC_TRIM_THRESHOLD_`` (Dask's nanny does, see
-    :func:`local_worker_environ`; on SLURM / PBS the node's configuration decides) has glibc's
-    dynamic thresholds switched off: every activation of more than 128 KiB is mapped and
-    page-faulted afresh. Setting both thresholds explicitly restores reuse (measured: 1.76 M
-    page faults of a six-modality feature pass -> 3). Called by each worker before its first
-    cell.
-
-    Returns:
-        Whether the thresholds were set (``False`` without glibc: nothing changes).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
-        return ok and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
-    except (OSError, AttributeError):  # not glibc (macOS, musl): keep the allocator's own
-        return False
 
 
 @contextmanager
