@@ -508,8 +508,8 @@ class MoEMLP(nn.Module):
         layer's own experts); never inside :func:`module_dispatch` or a ``torch.jit`` trace.
 
         The plan is rebuilt whenever an expert, one of its layers or a parameter is replaced,
-        moved or changed in place (checked on every call by identity, storage and version;
-        a few microseconds, against the ~100 microseconds of rebuilding the check per expert).
+        moved or changed in place (checked once per call, by identity, storage and version:
+        about 10 microseconds with warm caches, 0.1 ms right after a GEMM has evicted them).
         """
         if self.training or torch.is_grad_enabled() or self.top_k != 1:
             return None
