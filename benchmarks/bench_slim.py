@@ -9,8 +9,8 @@ unslimmed patch embedding included, as in the slimmability paper).
 
 For each width it prints the MACs ratio ``MACs(s) / MACs(1)``, the realised speedup
 ``latency(1) / latency(s)`` (median over rounds of each round's ratio; the range of the
-resulting efficiency over rounds is printed too), the MACs reduction ``MACs(1) / MACs(s)`` and their quotient, the
-efficiency ``speedup / MACs reduction`` (1.0 = the full saving is realised). It exits with
+resulting efficiency over rounds is printed too), the MACs reduction ``MACs(1) / MACs(s)``
+and their quotient, the efficiency ``speedup / MACs reduction`` (1.0 = the full saving is realised). It exits with
 status 1 if the efficiency is below its target: 0.9 for every ``s >= 0.25``, 0.7 below. A
 table then shows where the time goes: one profiled pass per width, split into operator groups
 (linear layers, the attention kernel, the patch-embedding convolution, layer norms and residual

@@ -24,8 +24,8 @@ def reuse_freed_memory() -> bool:
     """Make this process's allocator keep and reuse freed memory (glibc only; once per process).
 
     A worker whose environment sets ``MALLOC_TRIM_THRESHOLD_`` (Dask's nanny does, see
-    :func:`mapex_analysis.study.execution.local_worker_environ`; on SLURM / PBS the node's configuration decides) has glibc's
-    dynamic thresholds switched off: every activation of more than 128 KiB is mapped and
+    :func:`mapex_analysis.study.execution.local_worker_environ`; on SLURM / PBS the node's
+    configuration decides) has glibc's dynamic thresholds switched off: every activation of more than 128 KiB is mapped and
     page-faulted afresh. Setting both thresholds explicitly restores reuse (measured: 1.76 M
     page faults of a six-modality feature pass -> 3). Even with the dynamic thresholds, glibc
     trims the freed top of its heap and maps large blocks afresh often enough to fault a few

@@ -537,8 +537,8 @@ class MoEMLP(nn.Module):
                             return None
                         objs.append(p)
                         stamp += (p.data_ptr(), p._version)
-        device = objs[3]  # the first shared fc1 weight
-        if torch.is_autocast_enabled(cast(torch.Tensor, device).device.type):
+        first_weight = cast(torch.Tensor, objs[3])  # the first shared expert's fc1 weight
+        if torch.is_autocast_enabled(first_weight.device.type):
             return None
         plan = self._plan
         if (
@@ -600,8 +600,8 @@ class MoEMLP(nn.Module):
         modality without experts) pass the shared experts alone. The tokens are sorted by
         expert once (rest last), gathered once, every group writes its contiguous slice of one
         output buffer, and one gather with the inverse permutation puts them back in place (no
-        sort and no gather when one group holds every token). The same products are computed as on the
-        module path (equal within float rounding; MACs unchanged, no padding).
+        sort and no gather when one group holds every token). The same products are computed
+        as on the module path (equal within float rounding; MACs unchanged, no padding).
 
         Args:
             plan: The layer's stacked weights (:meth:`_fused_plan`).
