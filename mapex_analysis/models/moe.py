@@ -90,9 +90,7 @@ The layer returns its output, auxiliary loss and routing statistics explicitly
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -102,6 +100,7 @@ from timm.layers import Mlp
 from torch import nn
 
 from mapex_analysis.modalities import ModalityError
+from mapex_analysis.models.fastpath import fast_paths_allowed, module_dispatch
 from mapex_analysis.options import ROUTERS
 from mapex_analysis.options import Router as _RouterOption
 
@@ -382,22 +381,6 @@ def mutual_information_loss(
     return -mi
 
 
-_UNFUSED = threading.local()
-
-
-@contextlib.contextmanager
-def module_dispatch() -> Iterator[None]:
-    """Within this context every :class:`MoEMLP` runs its experts as modules, never the fused
-    inference dispatch: what MAC counting needs to attribute each product to the expert (or
-    shared expert) that computes it. Outputs and total MACs are the same either way."""
-    prev = getattr(_UNFUSED, "on", False)
-    _UNFUSED.on = True
-    try:
-        yield
-    finally:
-        _UNFUSED.on = prev
-
-
 class MoEMLP(nn.Module):
     """Mixture-of-modality-experts MLP with sparse dispatch (see the module docstring).
 
@@ -514,9 +497,7 @@ class MoEMLP(nn.Module):
         moved or changed in place (checked once per call, by identity, storage and version:
         about 10 microseconds with warm caches, 0.1 ms right after a GEMM has evicted them).
         """
-        if self.training or torch.is_grad_enabled() or self.top_k != 1:
-            return None
-        if getattr(_UNFUSED, "on", False) or torch.jit.is_tracing():
+        if self.training or self.top_k != 1:
             return None
         shared = self.shared_experts._modules
         if not shared:
@@ -538,7 +519,7 @@ class MoEMLP(nn.Module):
                         objs.append(p)
                         stamp += (p.data_ptr(), p._version)
         first_weight = cast(torch.Tensor, objs[3])  # the first shared expert's fc1 weight
-        if torch.is_autocast_enabled(first_weight.device.type):
+        if not fast_paths_allowed(first_weight):  # gradients, autocast, module_dispatch, jit
             return None
         plan = self._plan
         if (

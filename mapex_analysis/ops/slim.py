@@ -36,6 +36,7 @@ from timm.layers import Attention, Mlp
 from torch import Tensor, nn
 
 from mapex_analysis.models.contract import num_params
+from mapex_analysis.models.fastpath import AlignedLinear, needs_alignment
 from mapex_analysis.ops.record import record_op
 from mapex_analysis.options import SLIM_MODES, SLIM_ORDERS, SLIM_WIDTHS, SlimMode, SlimOrder
 
@@ -256,7 +257,9 @@ def _attn_kept(attn: Any, k: int, order: str, seed: int, name: str) -> list[list
 def _slice_linear(
     layer: nn.Module, name: str, *, out_idx: Tensor | None = None, in_idx: Tensor | None = None
 ) -> nn.Linear:
-    """A new, smaller ``nn.Linear`` holding the selected rows (outputs) and columns (inputs)."""
+    """A new, smaller ``nn.Linear`` holding the selected rows (outputs) and columns (inputs);
+    an :class:`~mapex_analysis.models.fastpath.AlignedLinear` (same parameters and outputs, a
+    faster CPU inference GEMM) when its output width is not a multiple of 8."""
     if not isinstance(layer, nn.Linear):
         raise TypeError(
             f"{name} is a {type(layer).__name__}; width slimming rebuilds nn.Linear layers only"
@@ -267,7 +270,8 @@ def _slice_linear(
     if in_idx is not None:
         weight = weight.index_select(1, in_idx.to(weight.device))
     # Built on the meta device: no wasted random init, then the sliced tensors are assigned.
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    cls = AlignedLinear if needs_alignment(int(weight.shape[0])) else nn.Linear
+    new = cls(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     new.weight = nn.Parameter(weight.clone(), requires_grad=layer.weight.requires_grad)
     if bias is not None:
         b = bias.detach()
