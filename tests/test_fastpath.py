@@ -113,3 +113,60 @@ def test_padded_gemm_matches_for_widths_slimming_produces(out: int) -> None:
     with torch.inference_mode():
         y = layer(x)
     torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), rtol=0, atol=1e-5)
+
+
+def _flash_head_dims(model: nn.Module, x: torch.Tensor) -> list[int]:
+    """The head width of every CPU flash-attention call of one forward pass."""
+    with torch.profiler.profile(record_shapes=True) as prof:
+        model(x)
+    return [
+        e.input_shapes[0][-1]
+        for e in prof.events()
+        if e.name == "aten::_scaled_dot_product_flash_attention_for_cpu"
+    ]
+
+
+def _vit(img_size: int) -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(
+        img_size=img_size, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=0,
+    ).eval()  # fmt: skip
+
+
+def test_slimmed_attention_with_few_dims_per_head_runs_padded_to_16() -> None:
+    slim = slim_width(_vit(80), 0.25).eval()  # head dim 16 -> 4; 100 patches + CLS
+    assert slim.blocks[0].attn.head_dim == 4 and slim.blocks[0].attn.__dict__["_pads_heads"]
+    x = torch.randn(2, 3, 80, 80)
+    depth = torch._C._len_torch_function_stack()
+    with torch.no_grad():
+        assert _flash_head_dims(slim, x) == [16, 16]
+        fast = slim(x)
+        with module_dispatch():
+            assert _flash_head_dims(slim, x) == [4, 4]
+            plain = slim(x)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
+    assert torch._C._len_torch_function_stack() == depth  # the mode was left every time
+    # the count is of the model, not of the padding
+    unpadded = slim_width(_vit(80), 0.25).eval()
+    for block in unpadded.blocks:
+        block.attn._forward_pre_hooks.clear()
+        block.attn._forward_hooks.clear()
+    assert count_macs(slim, x[:1]).total == count_macs(unpadded, x[:1]).total
+
+
+def test_padded_heads_only_where_it_pays_and_never_with_gradients() -> None:
+    short = slim_width(_vit(32), 0.25).eval()  # 17 tokens: below MIN_PADDED_TOKENS
+    with torch.no_grad():
+        assert _flash_head_dims(short, torch.randn(2, 3, 32, 32)) == [4, 4]
+    slim = slim_width(_vit(80), 0.25).eval()
+    x = torch.randn(2, 3, 80, 80)
+    assert _flash_head_dims(slim, x) == [4, 4]  # gradients on
+    depth = torch._C._len_torch_function_stack()
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        slim(torch.randn(2, 5, 80, 80))  # wrong band count: the patch conv raises
+    with torch.no_grad():
+        slim.blocks[0].attn(torch.randn(2, 101, 64))
+        with pytest.raises(RuntimeError):
+            slim.blocks[0].attn(torch.randn(2, 101, 63))  # raises inside the padded forward
+    assert torch._C._len_torch_function_stack() == depth
+    assert "_padded_heads_mode" not in slim.blocks[0].attn.__dict__

@@ -36,7 +36,12 @@ from timm.layers import Attention, Mlp
 from torch import Tensor, nn
 
 from mapex_analysis.models.contract import num_params
-from mapex_analysis.models.fastpath import AlignedLinear, needs_alignment
+from mapex_analysis.models.fastpath import (
+    MAX_PADDED_HEAD,
+    AlignedLinear,
+    needs_alignment,
+    pad_attention_heads,
+)
 from mapex_analysis.ops.record import record_op
 from mapex_analysis.options import SLIM_MODES, SLIM_ORDERS, SLIM_WIDTHS, SlimMode, SlimOrder
 
@@ -351,6 +356,8 @@ def _slim_attention(attn: Any, name: str, kept: list[list[int]]) -> None:
     attn.attn_dim = h * k
     # The paper's rescaling; SDPA (fused path) derives the same 1/sqrt(q.shape[-1]) itself.
     attn.scale = k**-0.5
+    if 2 <= k <= MAX_PADDED_HEAD:
+        pad_attention_heads(attn)  # faster CPU attention at a few dims per head, same outputs
 
 
 def _slim_mlp(mlp: Any, name: str, kept: list[int]) -> None:
