@@ -56,7 +56,8 @@ _SDPA = F.scaled_dot_product_attention
 @contextlib.contextmanager
 def module_dispatch() -> Iterator[None]:
     """Within this context every layer runs its plain definition, never an inference fast path
-    (the fused MoE dispatch, :class:`AlignedLinear`'s padded GEMM): what MAC counting needs to
+    (the fused MoE dispatch, :class:`AlignedLinear`'s padded GEMM, the padded attention heads of
+    :func:`pad_attention_heads`): what MAC counting needs to
     attribute each product to the expert (or shared expert) that computes it and to count no
     padding. Outputs and total MACs are the same either way."""
     prev = getattr(_UNFUSED, "on", False)
@@ -134,15 +135,10 @@ class AlignedLinear(nn.Linear):
 
 
 def _pads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether an attention call with these q, k, v runs padded (see the module docstring)."""
+    """Whether an attention call with these q, k, v runs padded: 2-11 dims per head alike in q,
+    k and v (the pre-hook that enters the mode has checked the device and the token count)."""
     d = q.shape[-1]
-    return (
-        2 <= d <= MAX_PADDED_HEAD
-        and k.shape[-1] == d
-        and v.shape[-1] == d
-        and q.shape[-2] >= MIN_PADDED_TOKENS
-        and q.device.type == "cpu"
-    )
+    return 2 <= d <= MAX_PADDED_HEAD and k.shape[-1] == d and v.shape[-1] == d
 
 
 class _PadHeads(TorchFunctionMode):

@@ -497,8 +497,9 @@ class MoEMLP(nn.Module):
         moved or changed in place (checked once per call, by identity, storage and version:
         about 10 microseconds with warm caches, 0.1 ms right after a GEMM has evicted them).
         """
-        if self.training or self.top_k != 1:
-            return None
+        first = next(self.parameters(), None)
+        if self.training or self.top_k != 1 or first is None or not fast_paths_allowed(first):
+            return None  # before the per-expert walk: gradients, autocast, module_dispatch, jit
         shared = self.shared_experts._modules
         if not shared:
             return None
@@ -518,9 +519,6 @@ class MoEMLP(nn.Module):
                             return None
                         objs.append(p)
                         stamp += (p.data_ptr(), p._version)
-        first_weight = cast(torch.Tensor, objs[3])  # the first shared expert's fc1 weight
-        if not fast_paths_allowed(first_weight):  # gradients, autocast, module_dispatch, jit
-            return None
         plan = self._plan
         if (
             plan is not None
